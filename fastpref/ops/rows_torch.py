@@ -1,0 +1,107 @@
+"""Row kernels of the token-statistics op in plain PyTorch: the portable backend.
+
+Every backend implements the two functions of this module with the same contract (see
+``fastpref.ops.dispatch``). This one runs on any device; it allocates up to two fp32 temporaries of
+the chunk's size, which the Triton and C++ backends avoid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import Want
+
+
+def _transform(raw: torch.Tensor, softcap: float, post_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits ``z`` seen by the softmax, and ``tanh(raw / softcap)`` when soft-capping (for the backward)."""
+    z = raw.float()
+    if not softcap:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return t * (softcap * post_scale), t
+
+
+def forward_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    want: Want,
+    ref_logits: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    post_scale: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    z, _ = _transform(logits, softcap, post_scale)
+    lse = torch.logsumexp(z, dim=-1)
+    out = {"lse": lse, "logp": z.gather(1, target[:, None]).squeeze(1) - lse}
+    if want.entropy or want.log_sum_sq_probs:
+        p = torch.exp(z - lse[:, None])
+        if want.entropy:
+            out["entropy"] = lse - torch.linalg.vecdot(p, z)
+        if want.log_sum_sq_probs:
+            out["log_sum_sq_probs"] = torch.log(torch.linalg.vecdot(p, p))
+        del p
+    if want.mean_logits:
+        out["mean_logits"] = z.mean(dim=-1)
+    if want.is_top1:
+        out["is_top1"] = z.argmax(dim=-1) == target  # argmax takes the first maximum, as TRL does
+    if ref_logits is None:
+        return out
+
+    zr, _ = _transform(ref_logits, softcap, post_scale)
+    ref_lse = torch.logsumexp(zr, dim=-1)
+    out["ref_lse"] = ref_lse
+    out["ref_logp"] = zr.gather(1, target[:, None]).squeeze(1) - ref_lse
+    if want.ref_entropy or want.kl:
+        pr = torch.exp(zr - ref_lse[:, None])
+        if want.ref_entropy:
+            out["ref_entropy"] = ref_lse - torch.linalg.vecdot(pr, zr)
+        if want.kl:
+            # KL(p_ref || p) = sum p_ref (z_ref - z) + lse - lse_ref; the difference z_ref - z is taken first
+            # so that nearly equal distributions do not cancel two large sums.
+            out["kl"] = torch.linalg.vecdot(pr, zr - z) + lse - ref_lse
+    return out
+
+
+def backward_rows_(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    g_logp: torch.Tensor | None = None,
+    g_entropy: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    g_kl: torch.Tensor | None = None,
+    ref_logits: torch.Tensor | None = None,
+    ref_lse: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    post_scale: float = 1.0,
+) -> None:
+    # dL/dz = p * (a + b z) - g_kl p_ref + g_logp onehot, with
+    #   a = -g_logp + g_kl - g_entropy (H - lse),  b = -g_entropy      (entropy term: -g p (z - lse + H))
+    z, t = _transform(logits, softcap, post_scale)
+    rows = logits.shape[0]
+    zero = torch.zeros(rows, device=logits.device, dtype=torch.float32)
+    a = zero.clone()
+    if g_logp is not None:
+        a -= g_logp
+    if g_kl is not None:
+        a += g_kl
+    if g_entropy is not None:
+        a -= g_entropy * (entropy - lse)
+        p = torch.exp(z - lse[:, None])
+        z.mul_(-g_entropy[:, None]).add_(a[:, None]).mul_(p)
+        del p
+    else:
+        z.sub_(lse[:, None]).exp_().mul_(a[:, None])
+    dz = z  # from here on, z holds the gradient
+    if g_kl is not None:
+        pr, _ = _transform(ref_logits, softcap, post_scale)
+        pr.sub_(ref_lse[:, None]).exp_()
+        dz.addcmul_(pr, g_kl[:, None], value=-1.0)
+        del pr
+    if g_logp is not None:
+        dz.scatter_add_(1, target[:, None], g_logp[:, None])
+    if t is not None:
+        dz.mul_(t.square_().neg_().add_(1.0).mul_(post_scale))
+    if dz is not logits:
+        logits.copy_(dz)
