@@ -50,6 +50,7 @@ class _Plan:
     rows: ModuleType  # backend row kernels (see fastpref.ops.dispatch)
     want: Want
     has_ref: bool
+    detach_entropy: bool
     chunk_rows: int
     logits_budget: int
     scale: float  # multiplies (h W^T + b) in the GEMM
@@ -94,7 +95,7 @@ class _TokenStatsFunction(torch.autograd.Function):
         needs_grad = any(ctx.needs_input_grad[:3])
         # Frozen head (LoRA): no grad_W, so keep the hidden-space gradient pieces (M x d) instead of logits.
         frozen = needs_grad and not ctx.needs_input_grad[1] and not ctx.needs_input_grad[2]
-        diff_stats = [k for k in _DIFFERENTIABLE if k == "logp" or getattr(plan.want, k)]
+        diff_stats = _differentiable(plan)
         pieces = {k: torch.empty_like(h) for k in diff_stats} if frozen else {}
         kept: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
         kept_bytes = 0
@@ -126,7 +127,7 @@ class _TokenStatsFunction(torch.autograd.Function):
             h, w, b, y, outs["lse"], outs.get("entropy"), h_ref, w_ref, b_ref, outs.get("ref_lse")
         )
         result = tuple(outs.get(k) for k in _OUTPUTS)
-        ctx.mark_non_differentiable(*(outs[k] for k in _OUTPUTS if k not in _DIFFERENTIABLE and k in outs))
+        ctx.mark_non_differentiable(*(outs[k] for k in _OUTPUTS if k in outs and k not in _differentiable(plan)))
         return result
 
     @staticmethod
@@ -188,6 +189,12 @@ class _TokenStatsFunction(torch.autograd.Function):
         )
 
 
+def _differentiable(plan: _Plan) -> list[str]:
+    """The outputs that carry gradients for this plan."""
+    asked = {"logp": True, "entropy": plan.want.entropy and not plan.detach_entropy, "kl": plan.want.kl}
+    return [k for k in _DIFFERENTIABLE if asked[k]]
+
+
 def _row_outputs(plan: _Plan) -> list[str]:
     """Keys the backend's ``forward_rows`` returns for this plan."""
     keys = ["lse", "logp"] + [f.name for f in dataclasses.fields(plan.want) if getattr(plan.want, f.name)]
@@ -241,6 +248,7 @@ def token_stats(
     logits_budget: int = 0,
     chunk_size: int | None = None,
     ref_entropy: bool = False,
+    detach_entropy: bool = False,
     log_sum_sq_probs: bool = False,
     mean_logits: bool = False,
     is_top1: bool = False,
@@ -265,6 +273,8 @@ def token_stats(
             (``ref_weight`` defaults to ``weight``); gives ``ref_logp``. Never receives gradients.
         kl: return ``KL(p_ref,t || p_t)`` per token (needs the reference; differentiable w.r.t. the policy).
         ref_entropy: return the reference entropy (no gradient).
+        detach_entropy: return ``entropy`` without gradient (for metrics; with a frozen head this
+            saves one GEMM).
         log_sum_sq_probs, mean_logits, is_top1: no-grad extras (WPO weights and TRL's metrics).
         logits_budget: bytes of chunk logits the backward may keep instead of recomputing them
             (0 = always recompute: 4 GEMMs; enough for all chunks: 3 GEMMs).
@@ -297,6 +307,7 @@ def token_stats(
         rows=rows,
         want=want,
         has_ref=ref_hidden is not None,
+        detach_entropy=bool(detach_entropy),
         chunk_rows=chunk_size or default_chunk_rows(vocab),
         logits_budget=int(logits_budget),
         scale=scale,

@@ -1,0 +1,170 @@
+"""Pairwise losses without a reference model: SimPO, CPO (+AlphaPO), ORPO.
+
+Same return convention as :mod:`fastpref.losses.pairwise`. The NLL term of CPO / ORPO / SimPO's
+optional SFT term is the token-mean cross-entropy of the chosen responses over the whole batch
+(``policy_nll_loss``, a scalar); the fused front door computes it, a caller of these functions passes
+it (or leaves it out to get the preference term alone). It is added to every per-pair loss, so the
+mean over pairs equals TRL's ``losses.mean() + alpha * nll``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _checks
+from ._common import check_label_smoothing, check_pair, check_positive, detached, reduce, smoothed_logistic
+from .registry import LossResult, PairBatch, register
+
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+
+
+def _with_nll(losses: torch.Tensor, weight: float, nll: torch.Tensor | None) -> torch.Tensor:
+    if nll is None or not weight:
+        return losses
+    _checks.tensor("policy_nll_loss", nll, ndim=0)
+    return losses + weight * nll
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma_beta_ratio: float = 0.25,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+    sft_weight: float = 0.0,
+    policy_nll_loss: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""SimPO: ``-log sigma(beta (A_w - A_l) - gamma)`` on MEAN log-probs ``A``, ``gamma = beta * gamma_beta_ratio``.
+
+    ``loss_type="hinge"`` gives ``relu(1 - beta (A_w - A_l - gamma/beta))``. Defaults (``beta=2.0``,
+    ``gamma_beta_ratio=0.25``) are the official repository's; ``sft_weight`` adds
+    ``sft_weight * policy_nll_loss``. Rewards are ``beta * A``.
+    """
+    check_pair(policy_chosen_logps, policy_rejected_logps, reference="none")
+    check_positive("beta", beta)
+    check_label_smoothing(label_smoothing)
+    logits = policy_chosen_logps - policy_rejected_logps - gamma_beta_ratio
+    if loss_type == "sigmoid":
+        losses = smoothed_logistic(beta * logits, label_smoothing)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:
+        _checks.fail("loss_type", f"must be 'sigmoid' or 'hinge' for SimPO, got {loss_type!r}")
+    losses = _with_nll(losses, sft_weight, policy_nll_loss)
+    return (reduce(losses, reduction), *detached(beta * policy_chosen_logps, beta * policy_rejected_logps))
+
+
+def cpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+    simpo_gamma: float = 0.5,
+    alpha: float = 0.0,
+    cpo_alpha: float = 1.0,
+    policy_nll_loss: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Contrastive Preference Optimisation (TRL's ``CPOTrainer``): ``-log sigma(beta (r_w - r_l)) + cpo_alpha * NLL``.
+
+    ``r`` is the log-prob (summed for ``sigmoid``/``hinge``, mean for ``ipo``/``simpo``: pass what the
+    loss type expects), or AlphaPO's ``(1 - p^{-alpha}) / alpha`` with ``p = exp(logp)`` when
+    ``alpha != 0``. ``loss_type``: ``sigmoid`` (+``label_smoothing``), ``hinge``, ``ipo``
+    (``(r_w - r_l - 1/(2 beta))^2``) or ``simpo`` (margin ``simpo_gamma / beta``).
+    """
+    check_pair(policy_chosen_logps, policy_rejected_logps, reference="none")
+    check_positive("beta", beta)
+    check_label_smoothing(label_smoothing)
+    if alpha:
+        chosen_r = (1 - torch.exp(policy_chosen_logps).pow(-alpha)) / alpha
+        rejected_r = (1 - torch.exp(policy_rejected_logps).pow(-alpha)) / alpha
+    else:
+        chosen_r, rejected_r = policy_chosen_logps, policy_rejected_logps
+    logits = chosen_r - rejected_r
+    if loss_type == "simpo":
+        losses = smoothed_logistic(beta * (logits - simpo_gamma / beta), label_smoothing)
+    elif loss_type == "sigmoid":
+        losses = smoothed_logistic(beta * logits, label_smoothing)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        _checks.fail("loss_type", f"must be one of {CPO_LOSS_TYPES} for CPO, got {loss_type!r}")
+    losses = _with_nll(losses, cpo_alpha, policy_nll_loss)
+    return (reduce(losses, reduction), *detached(beta * chosen_r, beta * rejected_r))
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - e^x)`` for ``x < 0``, switching formulas at ``-log 2`` to avoid cancellation.
+
+    Each branch sees its input clamped to its own side, so the unused branch never makes a NaN gradient.
+    """
+    split = -0.6931471805599453
+    near_zero = torch.log(-torch.expm1(x.clamp(min=split)))
+    far = torch.log1p(-torch.exp(x.clamp(max=split)))
+    return torch.where(x > split, near_zero, far)
+
+
+def orpo_log_odds(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor) -> torch.Tensor:
+    """``log odds(y_w) - log odds(y_l)`` with ``odds = p / (1 - p)``, ``p = exp(mean logp)``, in fp32."""
+    w, l = policy_chosen_logps.float(), policy_rejected_logps.float()
+    return (w - l) - (log1mexp(w) - log1mexp(l))
+
+
+def orpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    policy_nll_loss: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Odds-Ratio Preference Optimisation: ``NLL_w - beta * log sigma(log_odds)`` on MEAN log-probs.
+
+    ``log_odds`` is :func:`orpo_log_odds` (``beta`` is the paper's lambda, default 0.1). Rewards are
+    ``beta * A``. TRL logs ``log_odds_ratio = mean log sigma(log_odds)`` and
+    ``log_odds_chosen = mean log_odds``.
+    """
+    check_pair(policy_chosen_logps, policy_rejected_logps, reference="none")
+    check_positive("beta", beta)
+    losses = -beta * F.logsigmoid(orpo_log_odds(policy_chosen_logps, policy_rejected_logps))
+    losses = _with_nll(losses, 1.0, policy_nll_loss)
+    return (reduce(losses, reduction), *detached(beta * policy_chosen_logps, beta * policy_rejected_logps))
+
+
+# ---- fused front-door adapters (see fastpref.losses.registry) ----
+
+
+@register("simpo")
+def _simpo_from_batch(batch: PairBatch, **hparams) -> LossResult:
+    """SimPO: length-normalised, reference-free, with a target margin gamma."""
+    nll = batch.chosen_nll
+    losses, cr, rr = simpo_loss(*batch.logps(mean=True), policy_nll_loss=nll, reduction="none", **hparams)
+    return LossResult(losses, cr, rr, {"nll_loss": nll.detach()} if hparams.get("sft_weight") else {})
+
+
+@register("cpo")
+def _cpo_from_batch(batch: PairBatch, **hparams) -> LossResult:
+    """CPO: reference-free sigmoid/hinge/ipo/simpo preference term plus the chosen NLL (AlphaPO with alpha)."""
+    mean = hparams.get("loss_type", "sigmoid") in ("ipo", "simpo")  # as TRL's CPOTrainer averages them
+    nll = batch.chosen_nll
+    losses, cr, rr = cpo_loss(*batch.logps(mean=mean), policy_nll_loss=nll, reduction="none", **hparams)
+    return LossResult(losses, cr, rr, {"nll_loss": nll.detach()})
+
+
+@register("orpo")
+def _orpo_from_batch(batch: PairBatch, **hparams) -> LossResult:
+    """ORPO: chosen NLL plus beta times the log-sigmoid of the odds ratio (mean log-probs)."""
+    nll = batch.chosen_nll
+    pc, pr = batch.logps(mean=True)
+    losses, cr, rr = orpo_loss(pc, pr, policy_nll_loss=nll, reduction="none", **hparams)
+    log_odds = orpo_log_odds(pc, pr).detach()
+    metrics = {"nll_loss": nll.detach(), "log_odds_ratio": F.logsigmoid(log_odds).mean(), "log_odds_chosen": log_odds.mean()}
+    return LossResult(losses, cr, rr, metrics)
