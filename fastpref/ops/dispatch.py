@@ -68,9 +68,15 @@ def _triton_runs_on(device: torch.device) -> bool:
 def resolve(device: torch.device, backend: str | None = None) -> tuple[str, ModuleType]:
     """Pick the row-kernel backend for tensors on ``device``.
 
-    Order: the ``backend`` argument, then the ``FASTPREF_BACKEND`` environment variable, then the
-    device default (CUDA: Triton; CPU: the C++ extension) with a fallback to ``"torch"``.
+    Order: the ``backend`` argument (a name, or any object with ``forward_rows`` and
+    ``backward_rows_``, e.g. a wrapper that combines vocabulary shards), then the ``FASTPREF_BACKEND``
+    environment variable, then the device default (CUDA: Triton; CPU: the C++ extension) with a
+    fallback to ``"torch"``.
     """
+    if backend is not None and not isinstance(backend, str):
+        if not (hasattr(backend, "forward_rows") and hasattr(backend, "backward_rows_")):
+            raise ValueError("backend must be a name or an object with forward_rows and backward_rows_")
+        return getattr(backend, "__name__", type(backend).__name__), backend
     name = backend or os.environ.get(_ENV) or None
     if name is not None:
         if name not in BACKENDS:
