@@ -107,10 +107,10 @@ def mallows_margin(
 ) -> torch.Tensor:
     """The margin ``h`` of the module docstring (reference term dropped when there is no reference)."""
     ref_weight, gamma_weight = (1.0, 1.0) if mixing_alpha is None else (mixing_alpha, 1.0 - mixing_alpha)
-    h = policy_chosen_logps - policy_rejected_logps - gamma_weight * home_advantage
-    if ref_chosen_logps is not None:
-        h = h - ref_weight * (ref_chosen_logps - ref_rejected_logps)
-    return h
+    chosen, rejected = policy_chosen_logps, policy_rejected_logps
+    if ref_chosen_logps is not None:  # same operation order as dpo_loss, so psi = 1 matches it bit for bit
+        chosen, rejected = chosen - ref_weight * ref_chosen_logps, rejected - ref_weight * ref_rejected_logps
+    return chosen - rejected - gamma_weight * home_advantage
 
 
 def _rewards(beta, pc, pr, rc, rr):

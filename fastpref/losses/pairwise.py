@@ -41,7 +41,9 @@ def f_divergence_scores(logratio: torch.Tensor, f_divergence_type: str, alpha: f
     if f_divergence_type == "js_divergence":  # f'(t) = log(2t / (t + 1))
         return math.log(2) + F.logsigmoid(logratio)
     if f_divergence_type == "alpha_divergence":  # f'(t) = (t^(a-1) - 1) / (a - 1), exponent clamped as TRL does
-        t = ((alpha - 1) * logratio).float().clamp(max=11.0 if logratio.dtype == torch.float16 else 80.0)
+        # in at least fp32, the exponent clamped so that the result stays finite in the input dtype
+        t = ((alpha - 1) * logratio).to(torch.promote_types(logratio.dtype, torch.float32))
+        t = t.clamp(max=11.0 if logratio.dtype == torch.float16 else 80.0)
         return (torch.expm1(t) / (alpha - 1)).to(logratio.dtype)
     _checks.fail("f_divergence_type", f"must be one of {F_DIVERGENCES}, got {f_divergence_type!r}")
 

@@ -113,8 +113,9 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def orpo_log_odds(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor) -> torch.Tensor:
-    """``log odds(y_w) - log odds(y_l)`` with ``odds = p / (1 - p)``, ``p = exp(mean logp)``, in fp32."""
-    w, l = policy_chosen_logps.float(), policy_rejected_logps.float()
+    """``log odds(y_w) - log odds(y_l)`` with ``odds = p / (1 - p)``, ``p = exp(mean logp)``, in >= fp32."""
+    dtype = torch.promote_types(policy_chosen_logps.dtype, torch.float32)
+    w, l = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
     return (w - l) - (log1mexp(w) - log1mexp(l))
 
 

@@ -56,8 +56,8 @@ def reference_token_stats(
     z, logq = log_probs(hidden, weight, bias)
     q = logq.exp()
 
-    def masked(x):
-        return x.masked_fill(~mask, 0).float()
+    def masked(x):  # fp32 like the fused op, or the oracle's own precision when upcast
+        return x.masked_fill(~mask, 0).to(compute_dtype or torch.float32)
 
     fields = {"logp": masked(logq.gather(-1, target[..., None]).squeeze(-1))}
     if entropy:

@@ -34,12 +34,13 @@ def forward_rows(
     lse = torch.logsumexp(z, dim=-1)
     out = {"lse": lse, "logp": z.gather(1, target[:, None]).squeeze(1) - lse}
     if want.entropy or want.log_sum_sq_probs:
-        p = torch.exp(z - lse[:, None])
-        if want.entropy:
-            out["entropy"] = lse - torch.linalg.vecdot(p, z)
+        logq = z - lse[:, None]
+        p = torch.exp(logq)
+        if want.entropy:  # -sum p log p, not lse - sum p z: no cancellation when |z| >> H
+            out["entropy"] = -torch.linalg.vecdot(p, logq)
         if want.log_sum_sq_probs:
             out["log_sum_sq_probs"] = torch.log(torch.linalg.vecdot(p, p))
-        del p
+        del p, logq
     if want.mean_logits:
         out["mean_logits"] = z.mean(dim=-1)
     if want.is_top1:
@@ -52,9 +53,10 @@ def forward_rows(
     out["ref_lse"] = ref_lse
     out["ref_logp"] = zr.gather(1, target[:, None]).squeeze(1) - ref_lse
     if want.ref_entropy or want.kl:
-        pr = torch.exp(zr - ref_lse[:, None])
+        logr = zr - ref_lse[:, None]
+        pr = torch.exp(logr)
         if want.ref_entropy:
-            out["ref_entropy"] = ref_lse - torch.linalg.vecdot(pr, zr)
+            out["ref_entropy"] = -torch.linalg.vecdot(pr, logr)
         if want.kl:
             # KL(p_ref || p) = sum p_ref (z_ref - z) + lse - lse_ref; the difference z_ref - z is taken first
             # so that nearly equal distributions do not cancel two large sums.
@@ -76,24 +78,23 @@ def backward_rows_(
     softcap: float = 0.0,
     post_scale: float = 1.0,
 ) -> None:
-    # dL/dz = p * (a + b z) - g_kl p_ref + g_logp onehot, with
-    #   a = -g_logp + g_kl - g_entropy (H - lse),  b = -g_entropy      (entropy term: -g p (z - lse + H))
+    # dL/dz = p * (a + b log p) - g_kl p_ref + g_logp onehot, with
+    #   a = -g_logp + g_kl - g_entropy H,  b = -g_entropy      (entropy term: -g p (log p + H))
     z, t = _transform(logits, softcap, post_scale)
-    rows = logits.shape[0]
-    zero = torch.zeros(rows, device=logits.device, dtype=torch.float32)
-    a = zero.clone()
+    a = torch.zeros(logits.shape[0], device=logits.device, dtype=torch.float32)
     if g_logp is not None:
         a -= g_logp
     if g_kl is not None:
         a += g_kl
+    logq = z.sub_(lse[:, None])  # in place: z is fp32 and ours (a copy, or the logits themselves)
     if g_entropy is not None:
-        a -= g_entropy * (entropy - lse)
-        p = torch.exp(z - lse[:, None])
-        z.mul_(-g_entropy[:, None]).add_(a[:, None]).mul_(p)
+        a -= g_entropy * entropy
+        p = torch.exp(logq)
+        logq.mul_(-g_entropy[:, None]).add_(a[:, None]).mul_(p)
         del p
     else:
-        z.sub_(lse[:, None]).exp_().mul_(a[:, None])
-    dz = z  # from here on, z holds the gradient
+        logq.exp_().mul_(a[:, None])
+    dz = logq  # from here on, the buffer holds the gradient
     if g_kl is not None:
         pr, _ = _transform(ref_logits, softcap, post_scale)
         pr.sub_(ref_lse[:, None]).exp_()
