@@ -91,12 +91,14 @@ def test_single_and_no_valid_token(valid):
     assert (h.grad.abs().sum() > 0) == bool(valid) and (w.grad.abs().sum() > 0) == bool(valid)
 
 
-def test_frozen_weight_keeps_hidden_space_pieces():
-    """LoRA case: weight.requires_grad=False -> no grad_W, gradients from pieces computed in forward."""
+@pytest.mark.parametrize("stats_on", ["logp", "all"])
+def test_frozen_weight(stats_on):
+    """LoRA case: weight.requires_grad=False -> no grad_W; one stat: pieces kept from the forward."""
     head = make_head(2, 9, 32, 301, ref=True)
     labels = make_labels(2, 9, 301, prompt=2)
-    up = _upstream(labels, ["logp", "entropy", "kl"])
-    opts = dict(entropy=True, kl=True)
+    full = stats_on == "all"
+    up = _upstream(labels, ["logp", "entropy", "kl"] if full else ["logp"])
+    opts = dict(entropy=full, kl=full)
     h = head["hidden"].clone().requires_grad_(True)
     stats = fastpref.token_stats(h, head["weight"], labels, ref_hidden=head["ref_hidden"], ref_weight=head["ref_weight"],
                                  chunk_size=4, backend=BACKEND, **opts)
@@ -104,6 +106,22 @@ def test_frozen_weight_keeps_hidden_space_pieces():
     ref, h64 = oracle(head, labels, **opts)
     (want,) = torch.autograd.grad(weighted_sum(ref, up), [h64["hidden"]])
     assert rel_err(grad_h, want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_partly_kept_logits_and_vocabulary_tiles(dtype):
+    """Half the rows keep their logits, the rest are recomputed in (row block x vocabulary slice) tiles."""
+    vocab, chunk = 2053, 5
+    head = make_head(3, 20, 32, vocab, bias=True, ref=True, dtype=dtype)
+    labels = make_labels(3, 20, vocab, prompt=1)
+    up = _upstream(labels, ["logp", "entropy", "kl"])
+    opts = dict(entropy=True, kl=True)
+    budget = 30 * vocab * head["hidden"].element_size() * 2  # 30 rows of policy + reference logits
+    stats, grads = _run(head, labels, up, logits_budget=budget, chunk_size=chunk, **opts)
+    ref, ref_grads = _oracle_grads(head, labels, up, **opts)
+    bound = 1e-5 if dtype == torch.float32 else BF16_GRAD_BOUND
+    for name, g in grads.items():
+        assert rel_err(g, ref_grads[name]) < bound, name
 
 
 def test_detach_entropy_has_no_gradient():

@@ -13,7 +13,9 @@ the chunk stay in ``torch.mm`` for every backend):
 ref_logits=None, ref_lse=None, softcap=0.0, post_scale=1.0) -> None``
     Overwrites ``logits`` with dL/d(logits) for per-row upstream gradients ``g_*`` (fp32 ``[C]``):
     ``g_logp (onehot - p) - g_entropy p (log p + H) + g_kl (p - p_ref)``, times the soft-cap
-    derivative. ``ref_logits`` may be used as scratch.
+    derivative. ``ref_logits`` may be used as scratch. The backward also runs on vocabulary slices
+    ``[C, v1 - v0]`` of the logits: ``lse``, ``entropy`` and ``ref_lse`` are then the full rows' values,
+    ``target`` is ``label - v0``, and a target outside ``[0, v1 - v0)`` adds no one-hot term.
 
 ``logits`` may be fp32, bf16 or fp16; all math is fp32. When ``softcap > 0`` the softmax sees
 ``z = post_scale * softcap * tanh(logits / softcap)``, otherwise ``z = logits``.

@@ -100,8 +100,9 @@ def backward_rows_(
         pr.sub_(ref_lse[:, None]).exp_()
         dz.addcmul_(pr, g_kl[:, None], value=-1.0)
         del pr
-    if g_logp is not None:
-        dz.scatter_add_(1, target[:, None], g_logp[:, None])
+    if g_logp is not None:  # a target outside this (vocabulary-slice) tile has no one-hot term here
+        inside = (target >= 0) & (target < dz.shape[1])
+        dz.scatter_add_(1, target.clamp(0, dz.shape[1] - 1)[:, None], torch.where(inside, g_logp, 0.0)[:, None])
     if t is not None:
         dz.mul_(t.square_().neg_().add_(1.0).mul_(post_scale))
     if dz is not logits:

@@ -1,9 +1,19 @@
 """Level 1: per-token statistics straight from hidden states and the LM-head weight.
 
 The only O(N·V·d) work in fastpref. Valid rows (label != ignore_index) are compacted, then processed in
-chunks: ``z = h_chunk @ W.T (+ bias)`` on the vendor GEMM, one fused row pass (backend row kernels) for
-the statistics, and only O(chunk) fp32 vectors are kept. The backward recomputes (or reuses) each chunk,
-turns it into dL/dz in place and runs the two gradient GEMMs, with grad_W accumulated in fp32.
+row chunks: ``z = h_chunk @ W.T (+ bias)`` on the vendor GEMM and one fused pass of the backend's row
+kernel for the statistics; only O(chunk) fp32 vectors are kept.
+
+Backward, exact in every mode:
+
+* rows whose logits were kept (``logits_budget``) are turned into dL/dz in place, then ``dz @ W`` and
+  ``dz^T @ h`` run once over all of them: the 3-GEMM floor;
+* the other rows are recomputed in tiles of (row block x vocabulary slice): per slice, the slice of
+  grad_W is one GEMM over all rows, written once, so a bf16 head needs no full-size fp32 grad_W
+  accumulator (only an fp32 ``[slice, d]`` one when the rows need several blocks, and an fp32
+  ``[rows, d]`` one for grad_hidden, which sums over slices);
+* a frozen head (LoRA) with a single differentiable statistic keeps the hidden-space gradient
+  (``dz @ W`` with unit upstream gradient, M x d) from the forward instead: 2 GEMMs in all.
 """
 
 from __future__ import annotations
@@ -19,7 +29,8 @@ from .. import _checks
 from . import dispatch
 from .dispatch import Want
 
-DEFAULT_CHUNK_BYTES = 128 * 2**20  # fp32 bytes of one chunk of logits
+DEFAULT_CHUNK_BYTES = 128 * 2**20  # fp32 bytes of one chunk (or backward tile) of logits on CPU
+_TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 
 
 class TokenStats(NamedTuple):
@@ -57,6 +68,9 @@ class _Plan:
     softcap: float
     post_scale: float
 
+    def kernel_args(self) -> dict:
+        return {"softcap": self.softcap, "post_scale": self.post_scale}
+
 
 def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: float, out: torch.Tensor) -> torch.Tensor:
     """``out = scale * (h @ w.T + b)`` in the input dtype (fp32 accumulate inside the GEMM)."""
@@ -69,18 +83,32 @@ def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: fl
     return out
 
 
-def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with fp32 accumulation for bf16/fp16 operands (no per-chunk rounding of grad_W)."""
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as fp32, without rounding the product to a low-precision input dtype first."""
+    if a.is_cuda and _TORCH_VERSION >= (2, 8):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for an fp32 ``acc``; in place on cuBLAS from torch 2.10 (pytorch#167931)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda:
+    elif a.is_cuda and _TORCH_VERSION >= (2, 10):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:  # no mixed-dtype GEMM on CPU
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    else:
+        acc += _mm_fp32(a, b)
 
 
-def _chunks(m: int, chunk_rows: int) -> list[tuple[int, int]]:
-    return [(s, min(s + chunk_rows, m)) for s in range(0, m, chunk_rows)]
+def _chunks(start: int, stop: int, step: int) -> list[tuple[int, int]]:
+    return [(s, min(s + step, stop)) for s in range(start, stop, step)]
+
+
+def _kept_rows(plan: _Plan, m: int, vocab: int, element_size: int) -> int:
+    """How many leading rows keep their logits (whole chunks, within ``logits_budget``)."""
+    per_row = vocab * element_size * (2 if plan.want.kl else 1)
+    rows = min(m, plan.logits_budget // per_row)
+    return rows if rows == m else rows - rows % plan.chunk_rows
 
 
 class _TokenStatsFunction(torch.autograd.Function):
@@ -93,100 +121,131 @@ class _TokenStatsFunction(torch.autograd.Function):
             for k in _row_outputs(plan)
         }
         needs_grad = any(ctx.needs_input_grad[:3])
-        # Frozen head (LoRA): no grad_W, so keep the hidden-space gradient pieces (M x d) instead of logits.
-        frozen = needs_grad and not ctx.needs_input_grad[1] and not ctx.needs_input_grad[2]
         diff_stats = _differentiable(plan)
-        pieces = {k: torch.empty_like(h) for k in diff_stats} if frozen else {}
-        kept: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
-        kept_bytes = 0
-        work = h.new_empty((min(m, plan.chunk_rows), vocab))
-        work_ref = h_ref.new_empty((min(m, plan.chunk_rows), vocab)) if plan.has_ref else None
-        for s, e in _chunks(m, plan.chunk_rows):
-            chunk_bytes = (e - s) * vocab * h.element_size() * (2 if plan.want.kl else 1)
-            keep = needs_grad and not frozen and kept_bytes + chunk_bytes <= plan.logits_budget
-            z = _project(h[s:e], w, b, plan.scale, h.new_empty((e - s, vocab)) if keep else work[: e - s])
+        # Frozen head (LoRA) with one differentiable stat: keep dz @ W (M x d) instead of any logits.
+        pieces = needs_grad and not any(ctx.needs_input_grad[1:3]) and len(diff_stats) == 1
+        kept = _kept_rows(plan, m, vocab, h.element_size()) if needs_grad and not pieces else 0
+        kept_z = h.new_empty((kept, vocab))
+        kept_zr = h_ref.new_empty((kept, vocab)) if plan.has_ref and plan.want.kl else None
+        work = h.new_empty((min(m - kept, plan.chunk_rows), vocab))
+        work_ref = h_ref.new_empty(work.shape) if plan.has_ref else None
+        grad_pieces = torch.empty_like(h) if pieces else None
+        for s, e in _chunks(0, kept, plan.chunk_rows) + _chunks(kept, m, plan.chunk_rows):
+            z = _project(h[s:e], w, b, plan.scale, kept_z[s:e] if e <= kept else work[: e - s])
             zr = None
             if plan.has_ref:
-                fresh = keep and plan.want.kl
-                out = h_ref.new_empty((e - s, vocab)) if fresh else work_ref[: e - s]
+                out = kept_zr[s:e] if e <= kept and kept_zr is not None else work_ref[: e - s]
                 zr = _project(h_ref[s:e], w_ref, b_ref, plan.scale, out)
-            stats = plan.rows.forward_rows(
-                z, y[s:e], want=plan.want, ref_logits=zr, softcap=plan.softcap, post_scale=plan.post_scale
-            )
+            stats = plan.rows.forward_rows(z, y[s:e], want=plan.want, ref_logits=zr, **plan.kernel_args())
             for k, v in stats.items():
                 outs[k][s:e] = v
-            if keep:
-                kept.append((z, zr if plan.want.kl else None))
-                kept_bytes += chunk_bytes
-            elif needs_grad:
-                kept.append(None)
-            if frozen:
-                _pieces_for_chunk(plan, pieces, z, zr, w, y[s:e], {k: v[s:e] for k, v in outs.items()}, s, e)
-        ctx.plan, ctx.kept, ctx.frozen, ctx.pieces = plan, kept, frozen, pieces
-        ctx.save_for_backward(
-            h, w, b, y, outs["lse"], outs.get("entropy"), h_ref, w_ref, b_ref, outs.get("ref_lse")
-        )
-        result = tuple(outs.get(k) for k in _OUTPUTS)
-        ctx.mark_non_differentiable(*(outs[k] for k in _OUTPUTS if k in outs and k not in _differentiable(plan)))
-        return result
+            if pieces:  # unit upstream gradient of the one differentiable stat
+                unit = {f"g_{diff_stats[0]}": torch.ones(e - s, device=h.device)}
+                _backward_rows(plan, z, zr, y[s:e], {k: v[s:e] for k, v in outs.items()}, unit)
+                torch.mm(z, w, out=grad_pieces[s:e])
+        ctx.plan, ctx.kept, ctx.pieces = plan, kept, grad_pieces
+        ctx.kept_logits = (kept_z, kept_zr) if kept else None
+        ctx.save_for_backward(h, w, b, y, h_ref, w_ref, b_ref, *(outs.get(k) for k in ("lse", "entropy", "ref_lse")))
+        ctx.mark_non_differentiable(*(outs[k] for k in _OUTPUTS if k in outs and k not in diff_stats))
+        return tuple(outs.get(k) for k in _OUTPUTS)
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy, _g_ref_logp, _g_ref_entropy, g_kl, *_rest):
         plan: _Plan = ctx.plan
-        h, w, b, y, lse, entropy, h_ref, w_ref, b_ref, ref_lse = ctx.saved_tensors
+        h, w, b, y, h_ref, w_ref, b_ref, lse, entropy, ref_lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grads = {"logp": g_logp, "entropy": g_entropy, "kl": g_kl}
-        if all(g is None for g in grads.values()):
+        # The logit scale multiplies every dz row: fold it into the per-row upstream gradients.
+        grads = {f"g_{k}": g.float() * plan.scale for k, g in (("logp", g_logp), ("entropy", g_entropy), ("kl", g_kl))
+                 if g is not None}
+        if not grads:
             return (None,) * 8
-        # The logit scale multiplies every dz row: fold it into the per-row coefficients.
-        coef = {k: (g.float() * plan.scale if plan.scale != 1.0 else g.float()) for k, g in grads.items() if g is not None}
-        if ctx.frozen:
-            grad_h = torch.zeros(h.shape, device=h.device, dtype=torch.float32)
-            for k, g in coef.items():
-                grad_h.addcmul_(ctx.pieces[k], g[:, None])
-            return grad_h.to(h.dtype), None, None, None, None, None, None, None
+        if ctx.pieces is not None:
+            (g,) = grads.values()
+            return (ctx.pieces * g[:, None]).to(h.dtype), None, None, None, None, None, None, None
 
         m, vocab = h.shape[0], w.shape[0]
+        row_stats = {"lse": lse, "entropy": entropy, "ref_lse": ref_lse}
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if need_w else None
+        grad_w = torch.zeros_like(w) if need_w else None
         grad_b = torch.zeros(vocab, device=w.device, dtype=torch.float32) if need_b else None
-        work = work_ref = None
-        for i, (s, e) in enumerate(_chunks(m, plan.chunk_rows)):
-            z, zr = ctx.kept[i] if ctx.kept[i] is not None else (None, None)
-            ctx.kept[i] = None  # consumed (dz is written in place); a second backward recomputes
-            if z is None:
-                if work is None:
-                    work = h.new_empty((min(m, plan.chunk_rows), vocab))
-                z = _project(h[s:e], w, b, plan.scale, work[: e - s])
-            if "kl" in coef and zr is None:
-                if work_ref is None:
-                    work_ref = h_ref.new_empty((min(m, plan.chunk_rows), vocab))
-                zr = _project(h_ref[s:e], w_ref, b_ref, plan.scale, work_ref[: e - s])
-            plan.rows.backward_rows_(
-                z,
-                y[s:e],
-                lse[s:e],
-                g_logp=coef["logp"][s:e] if "logp" in coef else None,
-                g_entropy=coef["entropy"][s:e] if "entropy" in coef else None,
-                entropy=entropy[s:e] if "entropy" in coef else None,
-                g_kl=coef["kl"][s:e] if "kl" in coef else None,
-                ref_logits=zr if "kl" in coef else None,
-                ref_lse=ref_lse[s:e] if "kl" in coef else None,
-                softcap=plan.softcap,
-                post_scale=plan.post_scale,
-            )
+
+        kept = ctx.kept if ctx.kept_logits is not None else 0  # kept logits are consumed by the first backward
+        if kept:
+            kept_z, kept_zr = ctx.kept_logits
+            ctx.kept_logits = None
+            for s, e in _chunks(0, kept, plan.chunk_rows):
+                zr = kept_zr[s:e] if kept_zr is not None else None
+                _backward_rows(plan, kept_z[s:e], zr, y[s:e], _rows(row_stats, s, e), _rows(grads, s, e))
             if need_h:
-                torch.mm(z, w, out=grad_h[s:e])
+                torch.mm(kept_z, w, out=grad_h[:kept])
             if need_w:
-                _accumulate_fp32(grad_w, z.t(), h[s:e])
+                torch.mm(kept_z.t(), h[:kept], out=grad_w)
             if need_b:
-                grad_b += z.sum(0, dtype=torch.float32)
+                grad_b += kept_z.sum(0, dtype=torch.float32)
+            del kept_z, kept_zr
+
+        rest = m - kept
+        if rest:
+            # Tiles of about one chunk: a vocabulary slice over as many rows as fit (all, when they do).
+            tile = plan.chunk_rows * vocab
+            width = min(vocab, max(tile // rest, 512))
+            block = min(rest, max(1, tile // width))
+            low_precision = h.dtype != torch.float32
+            acc_h = grad_h[kept:].zero_() if need_h and not low_precision else (
+                torch.zeros(rest, h.shape[1], device=h.device) if need_h else None)
+            buf = h.new_empty((block, width))
+            buf_ref = h_ref.new_empty((block, width)) if "g_kl" in grads else None
+            single_write = block == rest and not kept  # one GEMM per grad_W slice: write it directly
+            for v0, v1 in _chunks(0, vocab, width):
+                w_slice = w[v0:v1]
+                acc_w = None
+                if need_w and not single_write:
+                    acc_w = grad_w[v0:v1] if not low_precision else grad_w[v0:v1].float()
+                for s, e in _chunks(kept, m, block):
+                    bias = None if b is None else b[v0:v1]
+                    z = _project(h[s:e], w_slice, bias, plan.scale, buf[: e - s, : v1 - v0])
+                    zr = None
+                    if buf_ref is not None:
+                        ref_bias = None if b_ref is None else b_ref[v0:v1]
+                        zr = _project(h_ref[s:e], w_ref[v0:v1], ref_bias, plan.scale, buf_ref[: e - s, : v1 - v0])
+                    # targets outside this slice get no one-hot term (backend contract)
+                    _backward_rows(plan, z, zr, y[s:e] - v0, _rows(row_stats, s, e), _rows(grads, s, e))
+                    if need_h:
+                        _addmm_fp32(acc_h[s - kept : e - kept], z, w_slice)
+                    if need_w and single_write:
+                        torch.mm(z.t(), h[s:e], out=grad_w[v0:v1])
+                    elif need_w:
+                        _addmm_fp32(acc_w, z.t(), h[s:e])
+                    if need_b:
+                        grad_b[v0:v1] += z.sum(0, dtype=torch.float32)
+                if acc_w is not None and low_precision:
+                    grad_w[v0:v1] = acc_w
+            if need_h and low_precision:
+                grad_h[kept:] = acc_h
         return (
             grad_h,
-            grad_w.to(w.dtype) if need_w else None,
+            grad_w,
             grad_b.to(b.dtype) if need_b else None,
             None, None, None, None, None,
         )
+
+
+def _rows(tensors: dict, s: int, e: int) -> dict:
+    return {k: (None if v is None else v[s:e]) for k, v in tensors.items()}
+
+
+def _backward_rows(plan: _Plan, z, zr, target, stats: dict, grads: dict) -> None:
+    """dL/dz of one tile in place, for per-row upstream gradients ``grads`` (``g_logp``, ...)."""
+    plan.rows.backward_rows_(
+        z, target, stats["lse"],
+        g_logp=grads.get("g_logp"),
+        g_entropy=grads.get("g_entropy"),
+        entropy=stats.get("entropy") if "g_entropy" in grads else None,
+        g_kl=grads.get("g_kl"),
+        ref_logits=zr if "g_kl" in grads else None,
+        ref_lse=stats.get("ref_lse") if "g_kl" in grads else None,
+        **plan.kernel_args(),
+    )
 
 
 def _differentiable(plan: _Plan) -> list[str]:
@@ -201,34 +260,17 @@ def _row_outputs(plan: _Plan) -> list[str]:
     return keys + (["ref_lse", "ref_logp"] if plan.has_ref else [])
 
 
-def _pieces_for_chunk(plan, pieces, z, zr, w, y, stats, s, e):
-    """Frozen head: per-token hidden-space gradients of each differentiable stat (unit upstream grad)."""
-    names = list(pieces)
-    ones = torch.ones(e - s, device=z.device, dtype=torch.float32)
-    for i, k in enumerate(names):
-        dz = z if i == len(names) - 1 else z.clone()  # the last piece may consume the chunk
-        ref = None
-        if k == "kl":
-            ref = zr if i == len(names) - 1 else zr.clone()
-        plan.rows.backward_rows_(
-            dz,
-            y,
-            stats["lse"],
-            g_logp=ones if k == "logp" else None,
-            g_entropy=ones if k == "entropy" else None,
-            entropy=stats.get("entropy") if k == "entropy" else None,
-            g_kl=ones if k == "kl" else None,
-            ref_logits=ref,
-            ref_lse=stats.get("ref_lse") if k == "kl" else None,
-            softcap=plan.softcap,
-            post_scale=plan.post_scale,
-        )
-        torch.mm(dz, w, out=pieces[k][s:e])
+def default_chunk_rows(vocab: int, device: torch.device | str = "cpu", element_size: int = 4) -> int:
+    """Rows per chunk: about 128 MiB of fp32 logits on CPU; 512 MiB in the input dtype on CUDA.
 
-
-def default_chunk_rows(vocab: int) -> int:
-    """Rows per chunk so that one chunk of fp32 logits is about ``DEFAULT_CHUNK_BYTES``."""
-    rows = max(1, DEFAULT_CHUNK_BYTES // (4 * vocab))
+    GPUs need a few thousand rows per chunk so that each GEMM reuses every byte of ``W`` it reads
+    (at V=128k in bf16: ~2048 rows); on CPU smaller chunks keep the fp32 row temporaries small.
+    """
+    if torch.device(device).type == "cuda":
+        rows = (512 * 2**20) // (element_size * vocab)
+    else:
+        rows = DEFAULT_CHUNK_BYTES // (4 * vocab)
+    rows = max(1, rows)
     return rows - rows % 16 if rows >= 64 else rows
 
 
@@ -278,7 +320,8 @@ def token_stats(
         log_sum_sq_probs, mean_logits, is_top1: no-grad extras (WPO weights and TRL's metrics).
         logits_budget: bytes of chunk logits the backward may keep instead of recomputing them
             (0 = always recompute: 4 GEMMs; enough for all chunks: 3 GEMMs).
-        chunk_size: rows per chunk (default: about 128 MiB of fp32 logits).
+        chunk_size: rows per chunk (default: :func:`default_chunk_rows`, ~128 MiB of fp32 logits on CPU,
+            ~512 MiB in the input dtype on CUDA); the backward tiles hold about as many logits.
         logit_scale, softcap, temperature: the softmax sees
             ``softcap * tanh(logit_scale * (h W^T + b) / softcap) / temperature`` (no tanh when
             ``softcap`` is None), the conventions of Gemma-style heads and TRL's fused head.
@@ -291,13 +334,15 @@ def token_stats(
     The only host synchronisation is one read of the valid-token count (with the input checks).
     """
     ref_weight = weight if ref_hidden is not None and ref_weight is None else ref_weight
+    _, rows = dispatch.resolve(hidden.device, backend)
     num_valid, valid = _checks.check_token_inputs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, ref_hidden=ref_hidden,
         ref_weight=ref_weight, ref_bias=ref_bias, kl=kl, ref_entropy=ref_entropy,
         logits_budget=logits_budget, chunk_size=chunk_size, softcap=softcap, temperature=temperature,
+        # a vocabulary-parallel backend holds one shard of the head: labels span its full vocabulary
+        vocab_size=getattr(rows, "vocab_size", None),
     )
     d, vocab = hidden.shape[-1], weight.shape[0]
-    _, rows = dispatch.resolve(hidden.device, backend)
     want = Want(entropy, log_sum_sq_probs, mean_logits, is_top1, ref_entropy, kl)
     if softcap:
         scale, post_scale = float(logit_scale), 1.0 / temperature
@@ -308,7 +353,7 @@ def token_stats(
         want=want,
         has_ref=ref_hidden is not None,
         detach_entropy=bool(detach_entropy),
-        chunk_rows=chunk_size or default_chunk_rows(vocab),
+        chunk_rows=chunk_size or default_chunk_rows(vocab, hidden.device, hidden.element_size()),
         logits_budget=int(logits_budget),
         scale=scale,
         softcap=float(softcap or 0.0),
