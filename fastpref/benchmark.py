@@ -11,8 +11,9 @@ reference log-probs, then backpropagates to hidden and weight:
 * ``liger`` — Liger-Kernel's ``LigerFusedLinearDPOLoss`` (chunked torch, ``compiled=False`` on CPU);
 * ``trl_fused`` — TRL's own fused head (``trl.kernels.ChunkedLogProbFunction``, TRL >= 1.x).
 
-Peak memory is measured in a fresh subprocess per case: peak RSS (CPU) or ``max_memory_allocated``
-(CUDA) during fwd+bwd minus the level right after the inputs were allocated.
+Peak memory is measured in a fresh subprocess per case: the peak RSS (CPU; reset through
+``/proc/self/clear_refs``) or ``max_memory_allocated`` (CUDA) during the first fwd+bwd, minus the level
+right after the inputs were allocated.
 """
 
 from __future__ import annotations
@@ -131,17 +132,42 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _start_peak(device: str) -> int:
+    """Resets the peak-memory counter and returns the current level."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:  # Linux >= 4.0: "5" resets the peak RSS (VmHWM) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:  # no /proc: the lifetime peak, which includes building the inputs
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _peak_bytes(device: str) -> int:
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure_in_process(case: str, shape: Shape, repeats: int = 1, device: str = "cpu") -> dict:
     """Time (median of ``repeats``) and peak extra memory of the FIRST fwd+bwd; call in a fresh process."""
     batch = make_batch(shape, device)
-    _sync(device)
-    base = _peak_bytes(device)
+    base = _start_peak(device)
     times = []
     for _ in range(repeats):
         batch["hidden"].grad = batch["weight"].grad = None
