@@ -274,7 +274,7 @@ def default_chunk_rows(vocab: int, device: torch.device | str = "cpu", element_s
     return rows - rows % 16 if rows >= 64 else rows
 
 
-@torch.compiler.disable
+@torch._disable_dynamo  # = torch.compiler.disable, but imports dynamo on first call rather than at import
 def token_stats(
     hidden: torch.Tensor,
     weight: torch.Tensor,
