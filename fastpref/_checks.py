@@ -56,9 +56,12 @@ def _head(prefix: str, hidden, weight, bias, labels) -> None:
 
 def check_token_inputs(
     hidden, weight, labels, *, bias, ignore_index, ref_hidden, ref_weight, ref_bias, kl, ref_entropy,
-    logits_budget, chunk_size, softcap, temperature,
+    logits_budget, chunk_size, softcap, temperature, vocab_size=None,
 ) -> tuple[int, torch.Tensor]:
-    """Validates level-1 inputs; returns (number of valid tokens, valid mask). One host sync."""
+    """Validates level-1 inputs; returns (number of valid tokens, valid mask). One host sync.
+
+    ``vocab_size``: the label range when ``weight`` is one shard of a vocabulary-parallel head.
+    """
     tensor("labels", labels, floating=False)
     _head("", hidden, weight, bias, labels)
     if ref_hidden is not None:
@@ -78,7 +81,7 @@ def check_token_inputs(
     if not temperature > 0:
         fail("temperature", f"must be positive, got {temperature!r}")
 
-    vocab = weight.shape[0]
+    vocab = vocab_size or weight.shape[0]
     valid = labels != ignore_index
     bad_label = valid & ((labels < 0) | (labels >= vocab))
     flags = [valid.sum(), bad_label.any(), ~torch.isfinite(hidden).all()]

@@ -6,6 +6,11 @@ Two layouts give identical numbers:
 * packed (padding-free): ``hidden [1, N, d]`` (or ``[N, d]``), ``labels [1, N]`` (or ``[N]``) with
   ``cu_seqlens [S+1]`` (cumulative sequence lengths, as flash-attention takes them) or ``seq_ids``
   (the sequence index of every position).
+
+Per-token weights (``logp_weights``, ``kl_weights``, shaped like ``labels``) turn the sums into
+weighted sums ``sum_t w_t x_t`` (SparsePO's masked log-ratio and KL sums); the weights may carry
+gradients. :class:`Groups` maps the sequences of list data (K responses per prompt, stored
+contiguously) to padded ``[B, K]`` tensors with a mask.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from .ops import TokenStats, token_stats
 class SequenceStats(NamedTuple):
     """Per-sequence fp32 statistics over valid (label != ignore_index) tokens; None when not asked.
 
-    ``sum_*`` are sums over the sequence's tokens, ``mean_*`` the same divided by ``num_tokens``.
+    ``sum_*`` are sums over the sequence's tokens, ``mean_*`` the same divided by ``num_tokens``;
+    ``weighted_sum_*`` are sums weighted by per-token ``logp_weights`` / ``kl_weights`` (see
+    :func:`reduce_tokens`); ``mean_log_sum_sq_probs`` is the mean of ``log sum_v p_t(v)^2`` (WPO).
     Differentiable wherever the underlying token statistic is (see :class:`fastpref.TokenStats`).
     """
 
@@ -35,7 +42,17 @@ class SequenceStats(NamedTuple):
     ref_sum_entropy: torch.Tensor | None = None
     ref_mean_entropy: torch.Tensor | None = None
     sum_kl: torch.Tensor | None = None
+    weighted_sum_logp: torch.Tensor | None = None
+    ref_weighted_sum_logp: torch.Tensor | None = None
+    weighted_sum_kl: torch.Tensor | None = None
+    mean_log_sum_sq_probs: torch.Tensor | None = None
     tokens: TokenStats | None = None
+
+
+def map_stats(stats: SequenceStats, fn) -> SequenceStats:
+    """Applies ``fn`` to every per-sequence tensor of ``stats`` (select, split, pad); drops ``tokens``."""
+    fields = {k: (fn(v) if isinstance(v, torch.Tensor) else None) for k, v in stats._asdict().items() if k != "tokens"}
+    return SequenceStats(**fields, tokens=None)
 
 
 class Segments:
@@ -82,6 +99,65 @@ class Segments:
             return x.sum(dim=-1)
         return x.new_zeros(self.num).index_add(0, self.ids, x.reshape(-1))
 
+    def sequence_index(self, device: torch.device) -> torch.Tensor:
+        """The sequence index of every position, shaped like ``labels``."""
+        if self.ids is None:
+            return torch.arange(self.num, device=device)[:, None].expand(self.shape)
+        return self.ids.view(self.shape)
+
+
+class Groups:
+    """List data: the sequences ``[0, S)`` hold ``B`` prompts' responses, ``group_sizes[b]`` each, contiguously.
+
+    ``pad(x)`` turns a per-sequence ``[S, ...]`` tensor into ``[B, K, ...]`` (``K = max(group_sizes)``),
+    differentiably, with ``fill`` where ``mask`` (``[B, K]`` bool) is False. Every prompt needs at least
+    two responses.
+
+    Example::
+
+        stats = fastpref.sequence_logps(hidden, weight, labels)    # 7 rows: 4 + 3 responses
+        groups = fastpref.Groups([4, 3], num_sequences=7, device=labels.device)
+        logps = groups.pad(stats.mean_logp)                       # [2, 4]; logps[1, 3] is padding
+        loss, rewards = fastpref.mppo_pair_mnm_loss(logps, groups.pad(scores), mask=groups.mask)
+    """
+
+    def __init__(self, group_sizes, num_sequences: int, device: torch.device | str | None = None):
+        if isinstance(group_sizes, torch.Tensor):
+            _checks.tensor("group_sizes", group_sizes, ndim=1, floating=False)
+            device = group_sizes.device if device is None else device
+            sizes = group_sizes.tolist()
+        elif isinstance(group_sizes, (list, tuple)) and all(isinstance(k, int) for k in group_sizes):
+            sizes = list(group_sizes)
+        else:
+            _checks.fail("group_sizes", "must be a 1-D integer tensor or a list of ints, "
+                                        f"got {type(group_sizes).__name__}")
+        if not sizes:
+            _checks.fail("group_sizes", "is empty: a list loss needs at least one prompt")
+        small = [b for b, k in enumerate(sizes) if k < 2]
+        if small:
+            _checks.fail("group_sizes", f"must be >= 2 (a list needs two responses); prompts {small[:8]} have "
+                                        f"{[sizes[b] for b in small[:8]]}")
+        if sum(sizes) != num_sequences:
+            _checks.fail("group_sizes", f"sums to {sum(sizes)} but there are {num_sequences} sequences")
+        self.sizes = sizes
+        self.num_groups, self.max_size = len(sizes), max(sizes)
+        sizes_t = torch.tensor(sizes, device=device)
+        starts = torch.cumsum(sizes_t, 0) - sizes_t
+        col = torch.arange(self.max_size, device=device)
+        self.mask = col[None, :] < sizes_t[:, None]
+        self.index = torch.where(self.mask, starts[:, None] + col[None, :], 0)
+
+    def pad(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``[S, ...]`` per-sequence values -> ``[B, K, ...]``, ``fill`` at padding."""
+        out = x.index_select(0, self.index.reshape(-1)).view(self.num_groups, self.max_size, *x.shape[1:])
+        mask = self.mask.view(*self.mask.shape, *([1] * (x.dim() - 1)))
+        return torch.where(mask, out, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
+
+    def pad_stats(self, stats: SequenceStats) -> SequenceStats:
+        """Every per-sequence field as ``[B, K]`` (``num_tokens`` padded with 1 so means stay finite)."""
+        padded = map_stats(stats, self.pad)
+        return padded._replace(num_tokens=self.pad(stats.num_tokens, fill=1))
+
 
 def _layout(labels, cu_seqlens, seq_ids, ignore_index) -> tuple[Segments, torch.Tensor]:
     """Validates the layout before any heavy work; returns the segments and valid tokens per sequence."""
@@ -93,7 +169,30 @@ def _layout(labels, cu_seqlens, seq_ids, ignore_index) -> tuple[Segments, torch.
     return segments, num_tokens
 
 
-def _reduce(stats: TokenStats, segments: Segments, num_tokens: torch.Tensor) -> SequenceStats:
+def check_token_weights(
+    labels: torch.Tensor, logp_weights: torch.Tensor | None, kl_weights: torch.Tensor | None, *, kl: bool
+) -> None:
+    """Per-token weights are floating tensors shaped like ``labels``; ``kl_weights`` needs the KL."""
+    for name, w in (("logp_weights", logp_weights), ("kl_weights", kl_weights)):
+        if w is None:
+            continue
+        _checks.tensor(name, w)
+        if not w.dtype.is_floating_point:
+            _checks.fail(name, f"must be floating point, got {w.dtype}")
+        if w.shape != labels.shape:
+            _checks.fail(name, f"has shape {tuple(w.shape)}; expected the shape of labels {tuple(labels.shape)}")
+        _checks.same_device(name, w, "labels", labels)
+    if kl_weights is not None and not kl:
+        _checks.fail("kl_weights", "weights the per-token KL, which needs kl=True (and a reference head)")
+
+
+def _reduce(
+    stats: TokenStats,
+    segments: Segments,
+    num_tokens: torch.Tensor,
+    logp_weights: torch.Tensor | None = None,
+    kl_weights: torch.Tensor | None = None,
+) -> SequenceStats:
     count = num_tokens.float()
 
     def sum_and_mean(x: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -101,6 +200,10 @@ def _reduce(stats: TokenStats, segments: Segments, num_tokens: torch.Tensor) -> 
             return None, None
         total = segments.sum(x)
         return total, total / count
+
+    def weighted(w: torch.Tensor | None, x: torch.Tensor | None) -> torch.Tensor | None:
+        # stats are 0 at ignored positions, so (finite) weights there drop out
+        return None if w is None or x is None else segments.sum(w.float() * x)
 
     sum_logp, mean_logp = sum_and_mean(stats.logp)
     sum_entropy, mean_entropy = sum_and_mean(stats.entropy)
@@ -117,6 +220,10 @@ def _reduce(stats: TokenStats, segments: Segments, num_tokens: torch.Tensor) -> 
         ref_sum_entropy=ref_sum_entropy,
         ref_mean_entropy=ref_mean_entropy,
         sum_kl=None if stats.kl is None else segments.sum(stats.kl),
+        weighted_sum_logp=weighted(logp_weights, stats.logp),
+        ref_weighted_sum_logp=weighted(logp_weights, stats.ref_logp),
+        weighted_sum_kl=weighted(kl_weights, stats.kl),
+        mean_log_sum_sq_probs=sum_and_mean(stats.log_sum_sq_probs)[1],
         tokens=stats,
     )
 
@@ -128,13 +235,19 @@ def reduce_tokens(
     cu_seqlens: torch.Tensor | None = None,
     seq_ids: torch.Tensor | None = None,
     ignore_index: int = -100,
+    logp_weights: torch.Tensor | None = None,
+    kl_weights: torch.Tensor | None = None,
 ) -> SequenceStats:
-    """Reduces :class:`TokenStats` (shaped like ``labels``) to :class:`SequenceStats`.
+    r"""Reduces :class:`TokenStats` (shaped like ``labels``) to :class:`SequenceStats`.
 
+    ``logp_weights`` / ``kl_weights`` (shaped like ``labels``, may require grad) add the weighted sums
+    ``weighted_sum_logp = sum_t w_t logp_t``, ``ref_weighted_sum_logp = sum_t w_t ref_logp_t`` and
+    ``weighted_sum_kl = sum_t w_t kl_t`` (SparsePO's masked sums: with TDPO1 they give its objective).
     Raises ``ValueError`` if a sequence has no valid token (its mean would be 0/0).
     """
+    check_token_weights(labels, logp_weights, kl_weights, kl=stats.kl is not None)
     segments, num_tokens = _layout(labels, cu_seqlens, seq_ids, ignore_index)
-    return _reduce(stats, segments, num_tokens)
+    return _reduce(stats, segments, num_tokens, logp_weights, kl_weights)
 
 
 def sequence_logps(
@@ -145,12 +258,15 @@ def sequence_logps(
     cu_seqlens: torch.Tensor | None = None,
     seq_ids: torch.Tensor | None = None,
     ignore_index: int = -100,
+    logp_weights: torch.Tensor | None = None,
+    kl_weights: torch.Tensor | None = None,
     **token_stats_kwargs,
 ) -> SequenceStats:
     """Per-sequence sum/mean log-probs (and entropies, reference stats, KL) straight from the LM head.
 
     :func:`fastpref.token_stats` followed by :func:`reduce_tokens`; ``token_stats_kwargs`` are passed
-    through (``bias``, ``entropy``, ``ref_hidden``, ``kl``, ``logits_budget``, ...).
+    through (``bias``, ``entropy``, ``ref_hidden``, ``kl``, ``logits_budget``, ...);
+    ``logp_weights`` / ``kl_weights`` give per-token weighted sums (see :func:`reduce_tokens`).
 
     Example::
 
@@ -158,6 +274,7 @@ def sequence_logps(
         stats.sum_logp, stats.mean_logp, stats.num_tokens                        # each [R]
     """
     _checks.tensor("labels", labels, floating=False)
+    check_token_weights(labels, logp_weights, kl_weights, kl=bool(token_stats_kwargs.get("kl")))
     segments, num_tokens = _layout(labels, cu_seqlens, seq_ids, ignore_index)
     stats = token_stats(hidden, weight, labels, ignore_index=ignore_index, **token_stats_kwargs)
-    return _reduce(stats, segments, num_tokens)
+    return _reduce(stats, segments, num_tokens, logp_weights, kl_weights)
