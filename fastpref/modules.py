@@ -395,7 +395,8 @@ def preference_loss(
     entropy = layout.ref_entropy
     if wants_entropy:
         entropy = (seq.ref_sum_entropy if run_head else seq.sum_entropy).detach()
-    batch = layout.batch(seq, ref_seq if uses_ref else None, entropy, weight.shape[0])
+    vocab = getattr(backend, "vocab_size", None) or weight.shape[0]  # a vocabulary-parallel shard knows the full V
+    batch = layout.batch(seq, ref_seq if uses_ref else None, entropy, vocab)
     result = spec.compute(batch, **hparams)
     losses = result.losses * layout.wpo(seq) if use_weighting else result.losses
 

@@ -1,0 +1,211 @@
+"""Reaching a model's LM head from inside its forward: the backbone/head split every integration shares.
+
+Fused losses never call ``lm_head``: they read ``lm_head.weight`` and hand it to a kernel. Under
+distributed wrappers that read is only safe in the right place and in the right form:
+
+* FSDP (1 and 2) unshards the root unit's parameters only while the root module's ``forward`` runs,
+  and DeepSpeed ZeRO-3 arms its gradient hooks through module forwards. So the loss runs *inside* the
+  model's forward: :func:`install` patches ``model.forward`` so that
+  ``model(..., fastpref_fn=fn)`` runs the backbone and returns ``fn(hidden, weight, bias)``.
+* FSDP2 with the head as its own ``fully_shard`` unit (or tensor parallelism) leaves ``weight`` a
+  ``DTensor``: it is gathered with ``full_tensor()``; for FSDP the gradient of the full tensor is a
+  per-rank partial, so it is declared ``Partial("avg")`` and reduce-scattered back with FSDP's mean.
+* DeepSpeed ZeRO-3 partitions ``weight`` to an empty tensor outside ``lm_head``'s own forward: it is
+  gathered with ``deepspeed.zero.GatheredParameters`` and copied through an autograd identity, so the
+  op sees the full weight (forward and backward); in backward the parameter is gathered again while
+  its full-shaped gradient is accumulated, where ZeRO-3's hooks reduce and partition it, as for any
+  module. The copy (``V x d`` in the weight's dtype) lives until backward.
+* FSDP1 with ``lm_head`` wrapped as its own unit exposes a flat shard: that is refused with a clear
+  error (keep the head in the root unit, the default of the transformer auto-wrap policies).
+
+``transformers`` is only needed for the models themselves; nothing here imports it at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+
+_MARK = "_fastpref_original_forward"
+
+
+def logit_transform(model) -> dict:
+    """``logit_scale`` and ``softcap`` of the model's head, read from its (text) config.
+
+    Same conventions as the model code (and TRL's fused head): Gemma-2's ``final_logit_softcapping``,
+    Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``, Granite/MiniCPM's ``logits_scaling``
+    (a divisor).
+    """
+    config = model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(config, "lm_head_multiplier", None)
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        scaling = config.logits_scaling
+        scale = scaling if getattr(config, "model_type", "") == "hyperclovax" else 1.0 / scaling
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return {"logit_scale": 1.0 if scale is None else float(scale), "softcap": softcap}
+
+
+def _is_fsdp2(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch < 2.6
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _is_zero3(param) -> bool:
+    return hasattr(param, "ds_id") and hasattr(param, "ds_status")
+
+
+class _Identity(torch.autograd.Function):
+    """A full copy of a ZeRO-3 parameter whose gradient goes straight to the parameter.
+
+    Autograd accumulates a full-shaped gradient into the parameter, which only works while the
+    parameter is gathered (a partitioned one has an empty ``data``): so the backward gathers it again,
+    as ZeRO-3's pre-backward hooks do for a module, and releases it once the gradient is accumulated
+    (after ZeRO-3's own reduce-and-partition hook, registered earlier, has consumed it).
+    """
+
+    @staticmethod
+    def forward(ctx, param, full):
+        ctx.param = param
+        return full
+
+    @staticmethod
+    def backward(ctx, grad):
+        param = ctx.param
+        gathered = _zero3_gather([param])
+        gathered.__enter__()
+
+        def release(_):
+            handle.remove()
+            gathered.__exit__(None, None, None)
+
+        handle = param.register_post_accumulate_grad_hook(release)
+        return grad, None
+
+
+def _zero3_gather(params: list) -> contextlib.AbstractContextManager:
+    """ZeRO-3's gather context for the partitioned ``params`` (a null context when all are available)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    import deepspeed
+
+    todo = {id(p): p for p in params if p is not None and p.ds_status != ZeroParamStatus.AVAILABLE}
+    return deepspeed.zero.GatheredParameters(list(todo.values())) if todo else contextlib.nullcontext()
+
+
+def _full(param, *, owner_is_fsdp: bool, grad: bool) -> torch.Tensor | None:
+    """``param`` as a full, plain tensor connected to it by autograd (detached when ``grad`` is False)."""
+    if param is None:
+        return None
+    try:
+        from torch.distributed.tensor import DTensor, Partial
+    except ImportError:  # pragma: no cover
+        DTensor = ()  # noqa: N806
+    if isinstance(param, DTensor):
+        if not grad:
+            return param.detach().full_tensor()
+        # FSDP shards over data-parallel ranks: each rank's gradient of the full tensor is a partial
+        # contribution, averaged like FSDP's reduce-scatter. Tensor parallelism sees identical data on
+        # every rank, so its gradient is replicated (the default).
+        placements = [Partial("avg")] * len(param.placements) if owner_is_fsdp else None
+        return param.full_tensor(grad_placements=placements)
+    if _is_zero3(param):
+        with _zero3_gather([param]):
+            full = param.detach().clone()
+            # Applied while gathered, so autograd records the parameter's full shape for its gradient.
+            return _Identity.apply(param, full) if grad and param.requires_grad else full
+    return param if grad else param.detach()
+
+
+@contextlib.contextmanager
+def gathered_head(
+    model, *, grad: bool = True, copy: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(weight, bias)`` of ``model``'s output embeddings, full and plain, for the fused op.
+
+    Use inside the model's forward (see :func:`install`). ``grad=False`` gives detached tensors (a
+    reference head); ``copy=True`` also copies plain parameters, for a head that must outlive the
+    forward of a sharded model (FSDP frees unsharded storage after it).
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"fastpref: {type(model).__name__} has no output embeddings (LM head) to fuse")
+    fsdp = _is_fsdp2(model) or _is_fsdp2(head)
+    weight = _full(head.weight, owner_is_fsdp=fsdp, grad=grad)
+    bias = _full(getattr(head, "bias", None), owner_is_fsdp=fsdp, grad=grad)
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(
+            f"fastpref: lm_head.weight has shape {tuple(weight.shape)} inside the forward: it is sharded "
+            "(FSDP1 with lm_head wrapped as its own unit?). Keep lm_head in the root FSDP unit, or use FSDP2."
+        )
+    if copy and not grad:
+        weight = weight.clone() if _shares_storage(weight, head.weight) else weight
+        bias = bias.clone() if bias is not None and _shares_storage(bias, head.bias) else bias
+    yield weight, bias
+
+
+def _shares_storage(x: torch.Tensor, param) -> bool:
+    try:
+        return x.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def backbone(model):
+    """The decoder without its head (``model.base_model``; ``model.model`` for pre-v5 VLM wrappers)."""
+    body = getattr(model, "base_model", None)
+    if body is None or body is model:
+        body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if body is None or body is model:
+        raise ValueError(f"fastpref: cannot find the backbone of {type(model).__name__} (no base_model / get_decoder)")
+    return body
+
+
+def install(model) -> None:
+    """Patch ``model.forward``: ``model(..., fastpref_fn=fn)`` runs the backbone and returns ``fn(...)``.
+
+    ``fn(hidden, weight, bias)`` gets the backbone's last hidden states ``[B, T, d]`` (unshifted) and
+    the full head from :func:`gathered_head` (with ``fastpref_grad=False``: detached;
+    ``fastpref_copy=True``: copied). Without ``fastpref_fn`` the forward is the previous one, so
+    generation and other trainers' patches keep working. Idempotent; patch the base model (not a PEFT
+    wrapper), before or after TRL's own fused-head patch.
+    """
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if _MARK in target.__dict__:
+        return
+    previous = target.forward
+
+    @functools.wraps(type(target).forward)
+    def forward(self, *args, fastpref_fn=None, fastpref_grad=True, fastpref_copy=False, **kwargs):
+        if fastpref_fn is None:
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False
+        kwargs.pop("labels", None)
+        kwargs.pop("num_items_in_batch", None)
+        outputs = backbone(self)(*args, **kwargs)
+        with gathered_head(self, grad=fastpref_grad, copy=fastpref_copy) as (weight, bias):
+            return fastpref_fn(outputs.last_hidden_state, weight, bias)
+
+    target.__dict__[_MARK] = previous
+    target.forward = forward.__get__(target)
+
+
+def uninstall(model) -> None:
+    """Undo :func:`install`."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous = target.__dict__.pop(_MARK, None)
+    if previous is None:
+        return
+    if getattr(previous, "__func__", None) is type(target).forward:
+        del target.forward  # back to the class's own method
+    else:
+        target.forward = previous

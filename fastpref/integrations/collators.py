@@ -1,0 +1,129 @@
+"""Collators for the trainer integrations: extra per-example columns, and K responses per prompt.
+
+Plain torch; the optional ``processing_class`` is any Hugging Face tokenizer.
+
+* :class:`WithColumns` wraps a pair collator (TRL's ``DataCollatorForPreference``, or yours) and adds
+  per-example dataset columns as tensors: precomputed reference entropies, TODO's ``ties``, MMPO's
+  ``soft_labels`` ...
+* :class:`ListwiseCollator` batches prompts with K scored responses each into the ``"groups"`` layout
+  of :func:`fastpref.preference_loss`: every prompt's responses in consecutive rows,
+  ``group_sizes [B]``, ``scores [S]`` and (precomputed) ``ref_logps [S]`` per response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+class WithColumns:
+    """``collator(examples)`` plus ``torch.tensor([example[k] ...])`` for each column ``k`` present."""
+
+    def __init__(self, collator, columns):
+        self.collator = collator.collator if isinstance(collator, WithColumns) else collator
+        self.columns = list(dict.fromkeys(columns))
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(examples)
+        for key in self.columns:
+            if key in examples[0] and key not in batch:
+                batch[key] = torch.tensor([example[key] for example in examples])
+        return batch
+
+    def __getattr__(self, name):  # pad_token_id, max_length, ... of the wrapped collator
+        if name == "collator":
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+@dataclass
+class ListwiseCollator:
+    """Prompts with K responses each -> the ``"groups"`` layout (right padding).
+
+    Each example holds ``prompt_ids`` (list of ints) and ``completion_ids`` (K lists of ints; K may
+    vary per prompt, at least 2), optionally ``scores`` (K floats, higher is better; without them the
+    responses are taken as ranked best first) and ``ref_logps`` (K precomputed summed reference
+    log-probs). Output: ``input_ids``, ``attention_mask``, ``completion_mask`` ``[S, T]`` with
+    ``S = sum K``, ``group_sizes [B]``, and ``scores`` / ``ref_logps`` ``[S]`` when given.
+    ``max_length`` truncates each prompt+response sequence (keeping its start).
+    """
+
+    pad_token_id: int = 0
+    max_length: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids, completion, sizes = [], [], []
+        for example in examples:
+            prompt = list(example["prompt_ids"])
+            responses = example["completion_ids"]
+            if len(responses) < 2:
+                raise ValueError(f"fastpref: a list example needs at least 2 responses, got {len(responses)}")
+            sizes.append(len(responses))
+            for response in responses:
+                seq, mask = prompt + list(response), [0] * len(prompt) + [1] * len(response)
+                if self.max_length is not None:
+                    seq, mask = seq[: self.max_length], mask[: self.max_length]
+                ids.append(seq)
+                completion.append(mask)
+        batch = {
+            "input_ids": _pad(ids, self.pad_token_id),
+            "attention_mask": _pad([[1] * len(s) for s in ids], 0),
+            "completion_mask": _pad(completion, 0),
+            "group_sizes": torch.tensor(sizes, dtype=torch.long),
+        }
+        for key in ("scores", "ref_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([float(v) for example in examples for v in example[key]])
+        return batch
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_listwise(example: dict, tokenizer, eos_token: str | None = None) -> dict:
+    """``prompt`` + ``completions`` (K strings) -> ``prompt_ids`` + ``completion_ids`` (K id lists).
+
+    Like TRL's pair tokenisation: each response is tokenised together with the prompt and starts where
+    the two tokenisations diverge; ``eos_token`` is appended to responses that lack it.
+    """
+    prompt = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
+    full = []
+    for text in example["completions"]:
+        if eos_token and not text.endswith(eos_token):
+            text = text + eos_token
+        full.append(tokenizer(example["prompt"] + text, add_special_tokens=False)["input_ids"])
+    start = min([len(prompt)] + [_common_prefix(prompt, ids) for ids in full])
+    return {"prompt_ids": prompt[:start], "completion_ids": [ids[start:] for ids in full]}
+
+
+def prepare_listwise_dataset(dataset, processing_class, dataset_name: str = "train"):
+    """Tokenise a list dataset (``prompt``, ``completions``[, ``scores``]) unless it already holds ids."""
+    if "completion_ids" in dataset.column_names:
+        return dataset
+    if "completions" not in dataset.column_names or "prompt" not in dataset.column_names:
+        raise ValueError(
+            f"fastpref: the {dataset_name} dataset of a list loss needs columns 'prompt' and 'completions' "
+            "(K responses per prompt, optional 'scores'), or 'prompt_ids' and 'completion_ids'"
+        )
+    first = dataset[0]
+    if isinstance(first["prompt"], list):
+        raise NotImplementedError("fastpref: conversational list datasets: apply the chat template to text first")
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    return dataset.map(tokenize_listwise, fn_kwargs={"tokenizer": tokenizer, "eos_token": tokenizer.eos_token},
+                       desc=f"fastpref: tokenizing the {dataset_name} list dataset")
+
+
+__all__ = ["ListwiseCollator", "WithColumns", "prepare_listwise_dataset", "tokenize_listwise"]

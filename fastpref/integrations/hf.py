@@ -1,0 +1,137 @@
+"""Hugging Face ``Trainer`` without TRL: a ``compute_loss`` helper and a mixin for your own preference collator.
+
+Batches hold ``input_ids`` / ``attention_mask`` rows in the layout of the loss (pairs:
+``[chosen_1..chosen_B ; rejected_1..rejected_B]``; lists: each prompt's responses in consecutive rows
+with ``group_sizes``), which tokens are scored as HF-style ``labels`` (``-100`` on prompt and padding,
+not shifted) or a ``completion_mask`` (1 on completion tokens), and any per-batch loss inputs by
+their :func:`fastpref.preference_loss` names (``ref_chosen_logps``, ``ref_rejected_logps``,
+``ref_chosen_entropy``, ``scores``, ``group_sizes``, ...). Every other key goes to the model.
+
+Example::
+
+    class PrefTrainer(FastPrefTrainerMixin, transformers.Trainer):
+        pass
+
+    trainer = PrefTrainer(model=model, args=TrainingArguments(..., remove_unused_columns=False),
+                          train_dataset=ds, data_collator=my_pair_collator,
+                          fastpref_loss="mallows_dpo", fastpref_loss_kwargs={"beta": 10.0}, ref_model=ref)
+    trainer.train()      # logs loss, rewards/*, logps/*, entropy, ... like TRL
+
+Gradient accumulation: the loss of a micro-batch is its mean over examples and the ``Trainer`` divides
+it by the accumulation steps (TRL's convention), whatever ``num_items_in_batch`` says.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from . import _head
+from ._core import (
+    FusedLoss,
+    PreferenceOutput,
+    completion_labels,
+    gather_metrics,
+    reference_head,
+    split_batch,
+    token_counts,
+)
+
+
+def _peft_reference(model):
+    """Adapter-disabled context of a PEFT policy, or None."""
+    unwrapped = getattr(model, "module", model)
+    if hasattr(unwrapped, "disable_adapter") and hasattr(unwrapped, "peft_config"):
+        return unwrapped.disable_adapter()
+    return None
+
+
+def fastpref_compute_loss(model, inputs: dict, loss: FusedLoss | str = "dpo", *, ref_model=None,
+                          copy_ref_head: bool = False, **hparams) -> PreferenceOutput:
+    """The fused preference loss of one batch through ``model``'s own forward (see the module docstring).
+
+    Args:
+        model: the policy (plain, DDP/FSDP/DeepSpeed-wrapped or PEFT); patched on first use.
+        inputs: the collated batch.
+        loss: a :class:`~fastpref.integrations._core.FusedLoss`, or a loss name with ``**hparams``
+            (``chunk_size``, ``logits_budget`` and ``backend`` among them go to level 1).
+        ref_model: frozen reference model, run in the same fused pass when the loss needs it and the
+            batch has no precomputed reference columns. Without it a PEFT policy's disabled adapters
+            are the reference; MallowsPO without any reference uses the policy's entropy (no grad).
+        copy_ref_head: copy the reference head out of its forward (set it for FSDP/ZeRO-3 references).
+
+    Returns:
+        :class:`fastpref.PreferenceOutput` ``(loss, metrics)``.
+    """
+    if isinstance(loss, FusedLoss):
+        plan = loss
+    else:
+        options = {k: hparams.pop(k) for k in ("chunk_size", "logits_budget", "backend") if k in hparams}
+        plan = FusedLoss(loss, hparams, **options)
+    _head.install(getattr(model, "module", model))
+    model_kwargs, loss_inputs = split_batch(inputs)
+    labels = completion_labels(inputs["input_ids"], inputs.get("completion_mask"), inputs.get("labels"))
+    ref = {}
+    if plan.needs_ref_head(loss_inputs):
+        peft = _peft_reference(model) if ref_model is None else None
+        if ref_model is not None:
+            _head.install(getattr(ref_model, "module", ref_model))
+            hidden, weight, bias = reference_head(ref_model, model_kwargs, copy=copy_ref_head)
+            ref = {"ref_hidden": hidden, "ref_weight": weight, "ref_bias": bias}
+        elif peft is not None:
+            hidden, _, _ = reference_head(model, model_kwargs, adapter_context=peft)
+            ref = {"ref_hidden": hidden}
+        elif not (plan.wants_ref_entropy and not plan.uses_reference):
+            raise ValueError(f"fastpref: loss {plan.loss!r} needs a reference: pass ref_model, precomputed "
+                             "reference columns, or a PEFT policy")
+    transform = _head.logit_transform(getattr(model, "module", model))
+    fn = plan.closure(labels, transform, **ref, **loss_inputs)
+    return model(**model_kwargs, fastpref_fn=fn)
+
+
+class FastPrefTrainerMixin:
+    """Mix into ``transformers.Trainer`` (first in the bases): the loss is a fastpref loss by name.
+
+    Extra constructor keywords: ``fastpref_loss`` (default ``"dpo"``), ``fastpref_loss_kwargs``,
+    ``ref_model`` (prepared for evaluation by the accelerator), ``fastpref_options`` (``chunk_size``,
+    ``logits_budget``, ``backend``). Metrics are averaged over the logging interval under TRL's names.
+    """
+
+    # transformers >= 5.19: the Trainer divides the micro-batch loss by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, fastpref_loss: str = "dpo", fastpref_loss_kwargs: dict | None = None, ref_model=None,
+                 fastpref_options: dict | None = None, **kwargs):
+        self.fastpref = FusedLoss(fastpref_loss, dict(fastpref_loss_kwargs or {}), **(fastpref_options or {}))
+        super().__init__(*args, **kwargs)
+        # Older transformers read only these: no loss kwargs -> divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        # Patch before accelerate wraps the forwards (autocast, fp32 outputs), so the wrappers enclose the
+        # fused path too.
+        _head.install(self.model)
+        self.ref_model = None
+        if ref_model is not None:
+            ref_model.requires_grad_(False)
+            _head.install(ref_model)
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self._fastpref_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        copy = bool(getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False))
+        out = fastpref_compute_loss(model, inputs, self.fastpref, ref_model=self.ref_model, copy_ref_head=copy)
+        mode = "train" if model.training else "eval"
+        labels = completion_labels(inputs["input_ids"], inputs.get("completion_mask"), inputs.get("labels"))
+        for key, value in gather_metrics(out.metrics, token_counts(labels, self.fastpref.layout),
+                                         self.accelerator.gather).items():
+            self._fastpref_metrics[mode][key].append(value)
+        return (out.loss, {"metrics": out.metrics}) if return_outputs else out.loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        stored = self._fastpref_metrics[mode]
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({f"{prefix}{k}": sum(v) / len(v) for k, v in stored.items() if v})
+        stored.clear()
+        super().log(logs, *args, **kwargs)
+
+
+__all__ = ["FastPrefTrainerMixin", "fastpref_compute_loss"]

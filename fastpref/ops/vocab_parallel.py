@@ -1,0 +1,255 @@
+"""Vocabulary-parallel LM heads: each rank of a process group holds a contiguous shard of ``W``'s rows.
+
+Megatron-style tensor parallelism splits the head ``W [V, d]`` by vocabulary rows; every rank of the
+group sees the same tokens (hidden states and labels) and only ``V / world`` logits per token. The
+token-statistics op runs unchanged on the local shard: :class:`VocabParallel` is a row-kernel backend
+(pass it as ``backend=``) that wraps the real backend and combines the per-shard statistics across the
+group, so every rank ends up with the statistics of the full softmax:
+
+* forward: each shard gives its own ``lse_r`` and shard-local stats; one ``all_gather`` of a few
+  ``[C]`` vectors per chunk, then ``lse = logsumexp_r lse_r`` and, with shard weights
+  ``w_r = exp(lse_r - lse)``, entropy ``H = sum_r w_r (H_r - log w_r)``,
+  ``log sum p^2 = logsumexp_r(2 log w_r + lss_r)``, the target logit from the shard that owns it,
+  ``KL(p_ref || p) = sum_r w_ref_r (KL_r + log w_ref_r - log w_r)``, TRL's mean logit and top-1 flag;
+* backward: the inner kernel computes ``dL/dz`` on the local columns with the GLOBAL ``lse`` /
+  entropy / reference ``lse`` (all that the softmax terms need), and one fix-up removes the one-hot
+  term it adds for rows whose target lives on another shard;
+* ``grad_hidden = dz_local @ W_local`` is a partial sum over shards: :meth:`VocabParallel.hidden`
+  wraps ``hidden`` in an identity whose backward all-reduces the gradient (Megatron's
+  "copy to tensor-parallel region"). ``grad_W`` / ``grad_bias`` stay local (each rank owns its rows).
+
+Labels are global token ids, validated against the global vocabulary (``vocab_size`` attribute, read
+by :func:`fastpref.token_stats`). All ranks of the group must call with the same tokens and the same
+``chunk_size``, since every chunk runs one collective.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from .. import _checks
+from . import dispatch
+from .dispatch import Want
+
+
+def shard_range(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, end)`` rows of rank ``rank`` when ``vocab_size`` rows are split as evenly as possible."""
+    per = math.ceil(vocab_size / world_size)
+    start = min(rank * per, vocab_size)
+    return start, min(start + per, vocab_size)
+
+
+def _transform(raw: torch.Tensor, softcap: float, post_scale: float) -> torch.Tensor:
+    """The fp32 logits the softmax sees (the backend convention of ``fastpref.ops.dispatch``)."""
+    z = raw.float()
+    return torch.tanh(z / softcap) * (softcap * post_scale) if softcap else z
+
+
+def _transform_slope(raw: torch.Tensor, softcap: float, post_scale: float) -> torch.Tensor:
+    """``d z / d raw`` of :func:`_transform` (1 without soft-capping)."""
+    if not softcap:
+        return torch.ones_like(raw, dtype=torch.float32)
+    return (1 - torch.tanh(raw.float() / softcap).square()) * post_scale
+
+
+class _ReduceGradOverVocab(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the vocabulary-parallel group."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class VocabParallel:
+    """Row-kernel backend for a vocabulary-sharded head (see the module docstring).
+
+    Args:
+        vocab_size: the full vocabulary ``V`` (labels are validated against it; MallowsPO's
+            ``log V`` should use it too).
+        vocab_start: first global row held by this rank.
+        local_vocab: number of rows held by this rank (``weight_shard.shape[0]``).
+        process_group: the vocabulary-parallel group (default: the world).
+        backend: the row kernels run on each shard (a name, or None for the device default).
+
+    The constructor runs one ``all_gather`` to learn every rank's shard and checks that the shards
+    tile ``[0, V)`` exactly.
+
+    Example (2 ranks, each holding half of the head)::
+
+        start, end = fastpref.ops.vocab_parallel.shard_range(V, rank, world)
+        vp = VocabParallel(V, start, end - start)
+        stats = vp.token_stats(hidden, full_weight[start:end], labels, entropy=True)
+        out = vp.preference_loss(hidden, full_weight[start:end], labels, loss="dpo", ref_chosen_logps=..., ...)
+    """
+
+    def __init__(self, vocab_size: int, vocab_start: int, local_vocab: int, *, process_group=None,
+                 backend: str | None = None):
+        if not dist.is_available() or not dist.is_initialized():
+            _checks.fail("process_group", "needs an initialised torch.distributed process group")
+        self.vocab_size = int(vocab_size)
+        self.vocab_start = int(vocab_start)
+        self.local_vocab = int(local_vocab)
+        self.group = process_group
+        self.world = dist.get_world_size(process_group)
+        self.inner_backend = backend
+        self.__name__ = "vocab_parallel"
+        mine = torch.tensor([self.vocab_start, self.local_vocab], dtype=torch.int64)
+        everyone = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(everyone, mine, group=process_group)
+        self.starts = [int(t[0]) for t in everyone]
+        self.sizes = [int(t[1]) for t in everyone]
+        covered = sorted(zip(self.starts, self.sizes))
+        edge = 0
+        for start, size in covered:
+            if start != edge or size < 1:
+                _checks.fail("vocab_start",
+                             f"shards {covered} (start, rows) do not tile [0, {self.vocab_size}) exactly")
+            edge = start + size
+        if edge != self.vocab_size:
+            _checks.fail("vocab_size", f"is {self.vocab_size} but the shards {covered} cover [0, {edge})")
+        # order[r] = position of rank r's shard in vocabulary order (for "first maximum wins" across shards)
+        self.order = [sorted(self.starts).index(s) for s in self.starts]
+
+    # ---- front doors ----
+
+    def hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` unchanged, with its gradient summed over the group in backward."""
+        return _ReduceGradOverVocab.apply(hidden, self.group)
+
+    def token_stats(self, hidden, weight_shard, labels, **kwargs):
+        """:func:`fastpref.token_stats` on this rank's shard: full-vocabulary statistics on every rank."""
+        from .token_stats import token_stats
+
+        self._check_shard(weight_shard)
+        return token_stats(self.hidden(hidden), weight_shard, labels, backend=self, **kwargs)
+
+    def preference_loss(self, hidden, weight_shard, labels, **kwargs):
+        """:func:`fastpref.preference_loss` on this rank's shard (loss and metrics equal on all ranks)."""
+        from ..modules import preference_loss
+
+        self._check_shard(weight_shard)
+        return preference_loss(self.hidden(hidden), weight_shard, labels, backend=self, **kwargs)
+
+    def _check_shard(self, weight_shard: torch.Tensor) -> None:
+        if weight_shard.shape[0] != self.local_vocab:
+            _checks.fail("weight", f"has {weight_shard.shape[0]} rows but this rank's shard holds {self.local_vocab}")
+
+    # ---- row-kernel protocol (fastpref.ops.dispatch) ----
+
+    def _inner(self, device: torch.device):
+        return dispatch.resolve(device, self.inner_backend)[1]
+
+    def _localise(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        local = target - self.vocab_start
+        mine = (local >= 0) & (local < self.local_vocab)
+        return local.clamp(0, self.local_vocab - 1), mine
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[k, C]`` local rows -> ``[world, k, C]`` (every rank's, in rank order)."""
+        rows = rows.contiguous()
+        out = [torch.empty_like(rows) for _ in range(self.world)]
+        dist.all_gather(out, rows, group=self.group)
+        return torch.stack(out)
+
+    def forward_rows(self, logits, target, *, want: Want, ref_logits=None, softcap=0.0, post_scale=1.0):
+        local, mine = self._localise(target)
+        inner = self._inner(logits.device)
+        # The target logit and shard maximum are read from the raw chunk before the inner kernel runs.
+        z_t = _transform(logits.gather(1, local[:, None]).squeeze(1), softcap, post_scale)
+        z_t = torch.where(mine, z_t, torch.zeros_like(z_t))
+        z_max = _transform(logits.max(dim=1).values, softcap, post_scale) if want.is_top1 else None
+        zr_t = None
+        if ref_logits is not None:
+            zr_t = _transform(ref_logits.gather(1, local[:, None]).squeeze(1), softcap, post_scale)
+            zr_t = torch.where(mine, zr_t, torch.zeros_like(zr_t))
+        part = inner.forward_rows(logits, local, want=want, ref_logits=ref_logits, softcap=softcap,
+                                  post_scale=post_scale)
+
+        names = ["lse", "z_t", "mine"]
+        cols = [part["lse"], z_t, mine.float()]
+        for key in ("entropy", "log_sum_sq_probs", "mean_logits"):
+            if getattr(want, key):
+                names.append(key)
+                cols.append(part[key])
+        if want.is_top1:
+            names += ["max", "is_top1"]
+            cols += [z_max, part["is_top1"].float()]
+        if ref_logits is not None:
+            names += ["ref_lse", "zr_t"]
+            cols += [part["ref_lse"], zr_t]
+            if want.ref_entropy:
+                names.append("ref_entropy")
+                cols.append(part["ref_entropy"])
+            if want.kl:
+                names.append("kl")
+                cols.append(part["kl"])
+        g = dict(zip(names, self._gather(torch.stack([c.float() for c in cols])).unbind(1)))  # each [world, C]
+        return self._combine(g, want, ref_logits is not None)
+
+    def _combine(self, g: dict, want: Want, has_ref: bool) -> dict:
+        lse = torch.logsumexp(g["lse"], dim=0)
+        log_w = g["lse"] - lse  # log of each shard's share of the probability mass
+        out = {"lse": lse, "logp": g["z_t"].sum(0) - lse}
+        if want.entropy:
+            out["entropy"] = (log_w.exp() * (g["entropy"] - log_w)).sum(0)
+        if want.log_sum_sq_probs:
+            out["log_sum_sq_probs"] = torch.logsumexp(2 * log_w + g["log_sum_sq_probs"], dim=0)
+        if want.mean_logits:
+            sizes = torch.tensor(self.sizes, dtype=torch.float32, device=lse.device)[:, None]
+            out["mean_logits"] = (g["mean_logits"] * sizes).sum(0) / self.vocab_size
+        if want.is_top1:
+            out["is_top1"] = self._top1(g)
+        if has_ref:
+            ref_lse = torch.logsumexp(g["ref_lse"], dim=0)
+            log_wr = g["ref_lse"] - ref_lse
+            out["ref_lse"] = ref_lse
+            out["ref_logp"] = g["zr_t"].sum(0) - ref_lse
+            if want.ref_entropy:
+                out["ref_entropy"] = (log_wr.exp() * (g["ref_entropy"] - log_wr)).sum(0)
+            if want.kl:
+                # Shard r's KL of its own (renormalised) softmaxes is kl_r; mixing the shards back with
+                # weights w_r, w_ref_r gives KL = sum_r w_ref_r (kl_r + log w_ref_r - log w_r), free of
+                # the large-lse cancellation of the direct form.
+                out["kl"] = (log_wr.exp() * (g["kl"] + log_wr - log_w)).sum(0)
+        return out
+
+    def _top1(self, g: dict) -> torch.Tensor:
+        """Global argmax == target, the first maximum (lowest token id) winning, as TRL counts it."""
+        mine = g["mine"] > 0.5  # [world, C], exactly one owner per row
+        z_t = g["z_t"].sum(0)
+        order = torch.tensor(self.order, device=z_t.device)[:, None]  # [world, 1]
+        owner_order = (order * mine).sum(0)  # [C]
+        before = order < owner_order  # shards with smaller token ids than the owner
+        beaten = torch.where(before, g["max"] >= z_t, g["max"] > z_t)
+        owner_top1 = (g["is_top1"] * mine).sum(0) > 0.5
+        return owner_top1 & ~(beaten & ~mine).any(0)
+
+    def backward_rows_(self, logits, target, lse, *, g_logp=None, g_entropy=None, entropy=None, g_kl=None,
+                       ref_logits=None, ref_lse=None, softcap=0.0, post_scale=1.0):
+        local, mine = self._localise(target)
+        slope = None
+        if g_logp is not None:
+            slope = _transform_slope(logits.gather(1, local[:, None]).squeeze(1), softcap, post_scale)
+        # With the global lse / entropy / ref_lse, the inner kernel's softmax terms are exact on the local columns.
+        self._inner(logits.device).backward_rows_(
+            logits, local, lse, g_logp=g_logp, g_entropy=g_entropy, entropy=entropy, g_kl=g_kl,
+            ref_logits=ref_logits, ref_lse=ref_lse, softcap=softcap, post_scale=post_scale,
+        )
+        if g_logp is not None:
+            # The inner kernel put the one-hot term g_logp * slope on the clamped column of every row;
+            # rows whose target lives on another shard must not have it.
+            undo = torch.where(mine, torch.zeros_like(g_logp), g_logp.float() * slope)
+            logits.scatter_add_(1, local[:, None], (-undo).to(logits.dtype)[:, None])
+
+
+__all__ = ["VocabParallel", "shard_range"]

@@ -1,0 +1,294 @@
+"""Distributed heads on CPU (gloo, 2 processes): vocabulary-parallel level 1 and preference losses, FSDP2
+(head in the root unit, and as its own DTensor unit) and DDP through the integration's fused forward,
+each against the single-process result (values and gradients). ZeRO-3's gather is checked with a
+stand-in for DeepSpeed's partitioned parameters (DeepSpeed itself is not installed here)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastpref
+from fastpref.ops.reference import reference_token_stats
+from fastpref.ops.vocab_parallel import VocabParallel, shard_range
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, port, fn, errors):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        fn(rank)
+    except BaseException:  # reported to the parent, which fails the test with the traceback
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn):
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    try:
+        mp.start_processes(_entry, args=(_free_port(), fn, errors), nprocs=WORLD, start_method="spawn")
+    except mp.ProcessRaisedException as err:
+        msg = errors.get() if not errors.empty() else str(err)
+        pytest.fail(msg)
+
+
+def _close(a, b, tol, what):
+    err = (a.double() - b.double()).abs().max().item()
+    assert err <= tol, f"{what}: max |diff| {err:.3g} > {tol}"
+
+
+# ---------------------------------------------------------------- vocabulary parallel
+
+
+def _head_data(vocab, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(3, 7, d, generator=g)
+    w = torch.randn(vocab, d, generator=g) / d**0.5 * 3
+    b = torch.randn(vocab, generator=g) * 0.5
+    hr = h + 0.3 * torch.randn(h.shape, generator=g)
+    wr = w + 0.1 * torch.randn(w.shape, generator=g) / d**0.5
+    y = torch.randint(0, vocab, (3, 7), generator=g)
+    y[:, :2] = -100
+    # Ties across shards: an all-zero hidden row has equal logits everywhere (argmax = token 0).
+    h[2, 3] = 0
+    y[2, 3] = 0
+    h[2, 4] = 0
+    y[2, 4] = vocab - 1
+    return h, w, b, hr, wr, y
+
+
+def _vocab_parallel_token_stats(rank):
+    vocab = 1001  # uneven shards: 501 + 500
+    h, w, b, hr, wr, y = _head_data(vocab)
+    start, end = shard_range(vocab, rank, WORLD)
+    vp = VocabParallel(vocab, start, end - start, backend="torch")
+    asked = dict(entropy=True, kl=True, ref_entropy=True, log_sum_sq_probs=True, mean_logits=True, is_top1=True,
+                 chunk_size=5)
+    for softcap in (None, 4.0):
+        hh, ws, bs = (t.clone().requires_grad_() for t in (h, w[start:end], b[start:end]))
+        got = vp.token_stats(hh, ws, y, bias=bs, ref_hidden=hr, ref_weight=wr[start:end], softcap=softcap, **asked)
+        (got.logp * 1.3 + got.entropy * 0.7 + got.kl * 0.5).sum().backward()
+        hf, wf, bf = (t.clone().requires_grad_() for t in (h, w, b))
+        ref = fastpref.token_stats(hf, wf, y, bias=bf, ref_hidden=hr, ref_weight=wr, softcap=softcap, backend="torch",
+                                   **asked)
+        (ref.logp * 1.3 + ref.entropy * 0.7 + ref.kl * 0.5).sum().backward()
+        oracle = reference_token_stats(h.double(), w.double(), y, bias=b.double(), ref_hidden=hr.double(),
+                                       ref_weight=wr.double(), softcap=softcap, **{k: v for k, v in asked.items()
+                                                                                   if k != "chunk_size"})
+        for name in ("logp", "entropy", "ref_logp", "ref_entropy", "kl", "log_sum_sq_probs", "mean_logits"):
+            _close(getattr(got, name), getattr(ref, name), 2e-5, f"{name} vs single process (softcap={softcap})")
+            _close(getattr(got, name), getattr(oracle, name), 2e-5, f"{name} vs fp64 oracle (softcap={softcap})")
+        assert torch.equal(got.is_top1, ref.is_top1)
+        _close(hh.grad, hf.grad, 2e-5, "grad hidden")
+        _close(ws.grad, wf.grad[start:end], 2e-5, "grad weight shard")
+        _close(bs.grad, bf.grad[start:end], 2e-5, "grad bias shard")
+
+    # Without a bias the all-zero rows tie across both shards: the first maximum (token 0) wins.
+    tied = vp.token_stats(h, w[start:end], y, is_top1=True).is_top1
+    assert tied[2, 3] and not tied[2, 4]
+    assert torch.equal(tied, fastpref.token_stats(h, w, y, is_top1=True, backend="torch").is_top1)
+
+    # Frozen head (LoRA-style): the hidden-space gradient pieces are summed over shards too.
+    hh = h.clone().requires_grad_()
+    got = vp.token_stats(hh, w[start:end], y, entropy=True)
+    (got.logp + got.entropy).sum().backward()
+    hf = h.clone().requires_grad_()
+    ref = fastpref.token_stats(hf, w, y, entropy=True, backend="torch")
+    (ref.logp + ref.entropy).sum().backward()
+    _close(hh.grad, hf.grad, 2e-5, "frozen-head grad hidden")
+
+    with pytest.raises(ValueError, match="labels"):
+        vp.token_stats(h, w[start:end], torch.full_like(y, vocab))
+
+
+def _vocab_parallel_losses(rank):
+    vocab = 640
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(4, 9, 16, generator=g)
+    w = torch.randn(vocab, 16, generator=g) / 4
+    hr = h + 0.2 * torch.randn(h.shape, generator=g)
+    y = torch.randint(0, vocab, (4, 9), generator=g)
+    y[:, :3] = -100
+    start, end = shard_range(vocab, rank, WORLD)
+    vp = VocabParallel(vocab, start, end - start, backend="torch")
+    for loss, kwargs in (("dpo", {}), ("tdpo2", {}), ("simpo", {})):
+        hh, ws = h.clone().requires_grad_(), w[start:end].clone().requires_grad_()
+        got = vp.preference_loss(hh, ws, y, loss=loss, ref_hidden=hr, ref_weight=w[start:end], trl_metrics=True,
+                                 **kwargs)
+        got.loss.backward()
+        hf, wf = h.clone().requires_grad_(), w.clone().requires_grad_()
+        ref = fastpref.preference_loss(hf, wf, y, loss=loss, ref_hidden=hr, ref_weight=w, trl_metrics=True,
+                                       backend="torch", **kwargs)
+        ref.loss.backward()
+        _close(got.loss, ref.loss, 1e-5, f"{loss} loss")
+        for key, value in ref.metrics.items():
+            _close(got.metrics[key], value, 1e-4, f"{loss} metric {key}")
+        _close(hh.grad, hf.grad, 1e-5, f"{loss} grad hidden")
+        _close(ws.grad, wf.grad[start:end], 1e-5, f"{loss} grad weight shard")
+
+
+def _vocab_parallel(rank):
+    _vocab_parallel_token_stats(rank)
+    _vocab_parallel_losses(rank)
+
+
+def test_vocab_parallel_matches_single_process():
+    """Token statistics (values, grads, softcap, ties, frozen head) and pair losses with metrics."""
+    _spawn(_vocab_parallel)
+
+
+# ---------------------------------------------------------------- FSDP2 / DDP through the integration
+
+
+def _model_and_batches():
+    from integration_helpers import make_model
+
+    model = make_model(vocab=256, hidden=32, layers=2, seed=0, bias=True)
+    g = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(WORLD):
+        ids = torch.randint(3, 256, (4, 10), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 7:] = 0
+        mask[3, 8:] = 0
+        completion = mask.clone()
+        completion[:, :4] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask, "completion_mask": completion,
+                        "ref_chosen_logps": -torch.rand(2, generator=g) * 30,
+                        "ref_rejected_logps": -torch.rand(2, generator=g) * 30})
+    return model, batches
+
+
+def _single_process_grads(model, batches):
+    from fastpref.integrations.hf import fastpref_compute_loss
+
+    model.zero_grad()
+    total = sum(fastpref_compute_loss(model, b, "dpo", backend="torch", beta=0.5).loss for b in batches) / len(batches)
+    total.backward()
+    return total.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _full_grad(param):
+    grad = param.grad
+    return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+
+
+def _fsdp2(rank, separate_head):
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    from fastpref.integrations.hf import fastpref_compute_loss
+
+    model, batches = _model_and_batches()
+    reference = copy.deepcopy(model)
+    want_loss, want = _single_process_grads(reference, batches)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    if separate_head:
+        fully_shard(model.lm_head)
+    fully_shard(model)
+    out = fastpref_compute_loss(model, batches[rank], "dpo", backend="torch", beta=0.5)
+    out.loss.backward()
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    _close(loss / WORLD, want_loss, 1e-6, "loss")
+    for name, param in model.named_parameters():
+        _close(_full_grad(param), want[name], 1e-6, f"grad {name}")
+
+
+def _ddp(rank):
+    import copy
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fastpref.integrations.hf import fastpref_compute_loss
+
+    model, batches = _model_and_batches()
+    want_loss, want = _single_process_grads(copy.deepcopy(model), batches)
+    wrapped = DistributedDataParallel(model)
+    out = fastpref_compute_loss(wrapped, batches[rank], "dpo", backend="torch", beta=0.5)
+    out.loss.backward()
+    for name, param in model.named_parameters():
+        _close(param.grad, want[name], 1e-6, f"grad {name}")
+
+
+def _sharded(rank):
+    _fsdp2(rank, separate_head=False)
+    _fsdp2(rank, separate_head=True)
+    _ddp(rank)
+
+
+def test_fsdp2_and_ddp_match_single_process():
+    """FSDP2 with the head in the root unit and as its own DTensor unit, and DDP: loss and every gradient."""
+    _spawn(_sharded)
+
+
+# ---------------------------------------------------------------- ZeRO-3 (stand-in)
+
+
+class _Partitioned:
+    """What ZeRO-3 does to a parameter: its data is an empty tensor unless gathered."""
+
+    def __init__(self, param):
+        self.full = param.data
+        param.data = torch.empty(0, dtype=param.dtype)
+        param.ds_id, param.ds_status = 0, "NOT_AVAILABLE"
+        self.param = param
+
+    @contextlib.contextmanager
+    def gather(self, params):
+        assert len(params) == 1 and params[0] is self.param
+        self.param.data = self.full
+        try:
+            yield
+        finally:
+            self.param.data = torch.empty(0, dtype=self.param.dtype)
+
+
+def test_zero3_partitioned_head_is_gathered_and_gets_its_gradient(monkeypatch):
+    from integration_helpers import make_model
+
+    from fastpref.integrations import _head
+    from fastpref.integrations.hf import fastpref_compute_loss
+
+    model, batches = _model_and_batches()
+    want_loss, want = _single_process_grads(make_model(vocab=256, hidden=32, layers=2, seed=0, bias=True), batches[:1])
+    weight = _Partitioned(model.lm_head.weight)
+    bias = _Partitioned(model.lm_head.bias)
+
+    def gather(params):
+        stack = contextlib.ExitStack()
+        for part in (weight, bias):
+            if params[0] is part.param:
+                stack.enter_context(part.gather(params))
+        return stack
+
+    monkeypatch.setattr(_head, "_zero3_gather", gather)
+    out = fastpref_compute_loss(model, batches[0], "dpo", backend="torch", beta=0.5)
+    assert model.lm_head.weight.numel() == 0  # partitioned again after the forward
+    out.loss.backward()
+    assert model.lm_head.weight.numel() == 0 and model.lm_head.bias.numel() == 0  # released after accumulation
+    _close(out.loss, want_loss, 1e-6, "loss")
+    _close(model.lm_head.weight.grad, want["lm_head.weight"], 1e-6, "grad lm_head.weight (full shape)")
+    _close(model.lm_head.bias.grad, want["lm_head.bias"], 1e-6, "grad lm_head.bias")
+    _close(model.model.norm.weight.grad, want["model.norm.weight"], 1e-6, "grad final norm")

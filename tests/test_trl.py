@@ -1,0 +1,231 @@
+"""FastPrefDPOTrainer against TRL's own DPOTrainer (step-by-step parity), MallowsPO and friends through
+the trainer, the legacy dpo_loss mixin, and the version gate. Tiny random Llamas, CPU, fp32."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from integration_helpers import frozen_copy, make_lists, make_model, make_pairs, make_tokenizer  # noqa: E402
+
+import fastpref  # noqa: E402
+from fastpref.integrations import trl as fp_trl  # noqa: E402
+
+VOCAB = 512
+TRL_ONLY = {"learning_rate", "epoch"}
+
+
+def _config(cls, **overrides):
+    settings = dict(
+        output_dir=tempfile.mkdtemp(prefix="fastpref-test-"), max_steps=4, learning_rate=1e-3,
+        per_device_train_batch_size=4, logging_steps=1,
+        save_strategy="no", report_to="none", seed=0, use_cpu=True, bf16=False, disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return cls(**settings)
+
+
+def _train(trainer_cls, config_cls, *, precompute: bool, dataset=None, **overrides):
+    model = make_model(VOCAB)
+    ref = None if precompute else frozen_copy(model)
+    args = _config(config_cls, precompute_ref_log_probs=precompute, **overrides)
+    trainer = trainer_cls(model, ref_model=ref, args=args, train_dataset=dataset or make_pairs(16, VOCAB),
+                          processing_class=make_tokenizer(VOCAB))
+    trainer.train()
+    return trainer, [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+
+
+@pytest.mark.parametrize(
+    "precompute, overrides",
+    [
+        (False, {}),
+        (True, {"gradient_accumulation_steps": 2}),
+        (False, {"loss_type": ["ipo", "hinge"], "loss_weights": [1.0, 0.5]}),
+    ],
+    ids=["ref_model", "precomputed+grad_accum", "ipo+hinge"],
+)
+def test_matches_trl_step_by_step(precompute, overrides):
+    from trl import DPOConfig, DPOTrainer
+
+    _, ours = _train(fp_trl.FastPrefDPOTrainer, fp_trl.FastPrefDPOConfig, precompute=precompute, **overrides)
+    _, theirs = _train(DPOTrainer, DPOConfig, precompute=precompute, **overrides)
+    assert len(ours) == len(theirs) == 4
+    worst = {}
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        assert set(b) <= set(a), f"metrics missing at step {step}: {set(b) - set(a)}"
+        # Before the first update policy == reference: every reward is 0 up to float noise, and the
+        # accuracy indicator (chosen > rejected) of an exact tie is not a stable quantity to compare.
+        tied = b["rewards/chosen"] == 0.0 and b["rewards/rejected"] == 0.0
+        for key, value in b.items():
+            if key == "rewards/accuracies" and tied:
+                continue
+            diff = abs(a[key] - value)
+            worst[key] = max(worst.get(key, 0.0), diff)
+            assert diff <= 1e-4, f"step {step} {key}: fastpref {a[key]} vs TRL {value}"
+    assert worst["loss"] < 1e-5
+    print({k: f"{v:.1e}" for k, v in worst.items() if k not in TRL_ONLY})
+
+
+def _trl_first_batch_stats(trainer, ref_model):
+    """TRL's own fused-head per-token log-probs / entropies of the whole (single-batch) dataset."""
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels,
+              "fused_lm_head": True}
+    with torch.no_grad():
+        policy = ref_model(**kwargs)  # step 1: the policy equals the reference
+    mask = batch["completion_mask"][:, 1:].float()
+    n = mask.sum(1)
+    mean_logp = (policy.log_probs * mask).sum(1) / n
+    mean_entropy = (policy.entropy * mask).sum(1) / n
+    return mean_logp.chunk(2), mean_entropy.chunk(2)
+
+
+@pytest.mark.parametrize("precompute", [True, False], ids=["precomputed", "ref_model"])
+def test_mallows_through_trainer_matches_functional(precompute):
+    """Step 1 of MallowsPO through the trainer == ``mallows_dpo_loss`` on TRL's own log-probs/entropies."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    data = make_pairs(8, VOCAB, seed=3)
+    kwargs = {"beta": 10.0, "reference_free": False}
+    trainer, logs = _train(fp_trl.FastPrefDPOTrainer, fp_trl.FastPrefDPOConfig, precompute=precompute, dataset=data,
+                           max_steps=1, per_device_train_batch_size=8, fastpref_loss="mallows_dpo",
+                           fastpref_loss_kwargs=kwargs)
+    if precompute:
+        assert {"ref_chosen_entropy", "ref_rejected_entropy"} <= set(trainer.train_dataset.column_names)
+    reference = make_model(VOCAB)  # the initial weights
+    add_fused_lm_head(reference, outputs=("log_probs", "entropy"))
+    (pc, pr), (hc, hr) = _trl_first_batch_stats(trainer, reference)
+    psi = fastpref.neg_log_dispersion(hc, hr, vocab_size=VOCAB, c=0.29)
+    loss, chosen, rejected = fastpref.mallows_dpo_loss(pc, pr, pc, pr, neg_log_dispersion=psi, beta=10.0)
+    assert abs(logs[0]["loss"] - loss.item()) < 1e-5
+    assert abs(logs[0]["neg_log_dispersion"] - psi.mean().item()) < 1e-5
+    assert abs(logs[0]["rewards/chosen"] - chosen.mean().item()) < 1e-5
+
+
+@pytest.mark.parametrize("loss, kwargs, data", [
+    ("simpo", {"beta": 2.0, "gamma_beta_ratio": 0.5}, "pairs"),
+    ("tdpo2", {}, "pairs"),
+    ("pro", {}, "lists"),
+])
+def test_other_losses_train(loss, kwargs, data):
+    dataset = make_pairs(8, VOCAB) if data == "pairs" else make_lists(6, 3, VOCAB)
+    _, logs = _train(fp_trl.FastPrefDPOTrainer, fp_trl.FastPrefDPOConfig, precompute=False, dataset=dataset,
+                     max_steps=2, fastpref_loss=loss, fastpref_loss_kwargs=kwargs)
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
+    assert "entropy" in logs[0]
+
+
+def test_list_loss_with_precomputed_reference():
+    trainer, logs = _train(fp_trl.FastPrefDPOTrainer, fp_trl.FastPrefDPOConfig, precompute=True,
+                           dataset=make_lists(6, 3, VOCAB), max_steps=1, fastpref_loss="lipo_lambda")
+    assert "ref_logps" in trainer.train_dataset.column_names
+    assert len(trainer.train_dataset[0]["ref_logps"]) == 3
+    assert math.isfinite(logs[0]["loss"])
+
+
+def test_train_demo_runs_mallows():
+    trainer, history = fp_trl.train_demo(make_model(VOCAB), make_tokenizer(VOCAB), make_pairs(8, VOCAB),
+                                         max_steps=3, batch_size=4, calibrate_dispersion=True)
+    losses = [h["loss"] for h in history if "loss" in h and "train_loss" not in h]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    # calibrated on the whole dataset so that mean psi = 1; one batch of 4 pairs stays close to it
+    assert 0.5 < history[0]["neg_log_dispersion"] < 2.0
+    assert trainer.fastpref.hparams["dispersion_c"] > 0.29
+
+
+def test_unsupported_settings_fail_clearly():
+    cfg = _config(fp_trl.FastPrefDPOConfig, ld_alpha=0.5)
+    with pytest.raises(NotImplementedError, match="ld_alpha"):
+        fp_trl.loss_from_config(cfg)
+    cfg = _config(fp_trl.FastPrefDPOConfig, label_smoothing=0.1)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fp_trl.loss_from_config(cfg)
+    cfg = _config(fp_trl.FastPrefDPOConfig, fastpref_loss="tdpo2", precompute_ref_log_probs=True)
+    with pytest.raises(ValueError, match="precompute_ref_log_probs"):
+        fp_trl.loss_from_config(cfg)
+    with pytest.raises(ValueError, match="loss"):
+        fp_trl.loss_from_config(_config(fp_trl.FastPrefDPOConfig, fastpref_loss="no_such_loss"))
+
+
+def test_version_gate(monkeypatch):
+    monkeypatch.setattr(fp_trl, "trl_version", lambda: "0.28.1")
+    with pytest.raises(RuntimeError, match="FastPrefLegacyDPOMixin"):
+        fp_trl.check_trl("trainer")
+    assert fp_trl.check_trl("legacy") == "0.28.1"
+    monkeypatch.setattr(fp_trl, "trl_version", lambda: "2.1.0")
+    with pytest.raises(RuntimeError, match="trl<2"):
+        fp_trl.check_trl("trainer")
+    with pytest.raises(RuntimeError, match="FastPrefDPOTrainer"):
+        fp_trl.check_trl("legacy")
+
+
+def test_fastpref_imports_without_trl_or_transformers():
+    code = (
+        "import sys\n"
+        "for m in ('trl', 'transformers', 'accelerate', 'datasets', 'deepspeed'): sys.modules[m] = None\n"
+        "import fastpref, fastpref.integrations, fastpref.integrations.trl, fastpref.integrations.hf\n"
+        "import fastpref.integrations.collators, fastpref.ops.vocab_parallel\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+class _LegacyTrainer:
+    """The calling convention of TRL <= 0.28: ``get_batch_loss_metrics`` -> ``dpo_loss`` on [B] tensors."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def get_batch_loss_metrics(self, model, batch, train_eval="train"):
+        losses, chosen, rejected = self.dpo_loss(batch["pc"], batch["pr"], batch["rc"], batch["rr"], "sigmoid", {})
+        return losses.mean(), {"rewards/chosen": chosen.mean()}
+
+
+def test_legacy_dpo_loss_mixin_runs_mallows():
+    class Trainer(fp_trl.FastPrefLegacyDPOMixin, _LegacyTrainer):
+        fastpref_loss = "mallows_dpo"
+        fastpref_loss_kwargs = {"beta": 10.0, "reference_free": False}
+
+    g = torch.Generator().manual_seed(0)
+    b = 4
+    lengths_c, lengths_r = torch.randint(2, 9, (b,), generator=g), torch.randint(2, 9, (b,), generator=g)
+    batch = {
+        "pc": -torch.rand(b, generator=g) * 20, "pr": -torch.rand(b, generator=g) * 20,
+        "rc": -torch.rand(b, generator=g) * 20, "rr": -torch.rand(b, generator=g) * 20,
+        "chosen_attention_mask": (torch.arange(9)[None] < lengths_c[:, None]).long(),
+        "rejected_attention_mask": (torch.arange(9)[None] < lengths_r[:, None]).long(),
+        "ref_chosen_entropy": torch.rand(b, generator=g) * lengths_c,
+        "ref_rejected_entropy": torch.rand(b, generator=g) * lengths_r,
+    }
+    trainer = Trainer(make_model(VOCAB))
+    loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
+    nc, nr = lengths_c.float(), lengths_r.float()
+    psi = fastpref.neg_log_dispersion(batch["ref_chosen_entropy"] / nc, batch["ref_rejected_entropy"] / nr,
+                                      vocab_size=VOCAB)
+    expected, chosen, _ = fastpref.mallows_dpo_loss(batch["pc"] / nc, batch["pr"] / nr, batch["rc"] / nc,
+                                                    batch["rr"] / nr, neg_log_dispersion=psi, beta=10.0)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert torch.allclose(metrics["rewards/chosen"], chosen.mean(), atol=1e-6)
+    with pytest.raises(ValueError, match="ref_chosen_entropy"):
+        trainer.get_batch_loss_metrics(trainer.model, {k: v for k, v in batch.items() if "entropy" not in k})
+
+
+def test_reference_columns_sums_match_trainer_precompute():
+    """The standalone helper stores the same summed log-probs and entropies as the trainer's precompute."""
+    trainer, _ = _train(fp_trl.FastPrefDPOTrainer, fp_trl.FastPrefDPOConfig, precompute=True,
+                        dataset=make_pairs(8, VOCAB, seed=3), max_steps=1, per_device_train_batch_size=8,
+                        fastpref_loss="mallows_dpo")
+    tokenised = trainer.train_dataset.remove_columns(
+        ["ref_chosen_logps", "ref_rejected_logps", "ref_chosen_entropy", "ref_rejected_entropy"])
+    again = fp_trl.reference_columns(make_model(VOCAB), tokenised, pad_token_id=0, batch_size=3)
+    for key in ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_entropy", "ref_rejected_entropy"):
+        assert torch.allclose(torch.tensor(again[key]), torch.tensor(trainer.train_dataset[key]), atol=1e-4), key
