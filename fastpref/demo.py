@@ -5,9 +5,10 @@
 1. builds a word-level tokenizer in-process (32,000 words) and a random-init ``LlamaForCausalLM``;
 2. generates a preference set procedurally: the prompt lists words, the chosen response reverses them,
    the rejected response is a corrupted reversal;
-3. warms the model up with a few SFT steps, freezes a copy as the reference, calibrates MallowsPO's
-   dispersion constant on the data, then trains a few dozen MallowsPO steps (reference entropies
-   from the frozen copy in the same fused pass), printing the metrics of every step;
+3. warms the model up with a few SFT steps (fused NLL from level 1), then trains a few dozen MallowsPO
+   steps through TRL's ``DPOTrainer`` with fastpref's fused loss (``FastPrefDPOTrainer``): reference
+   log-probs and entropies of the warmed-up model precomputed by fastpref, MallowsPO's dispersion
+   constant calibrated on them, a progress bar and the metrics of every step;
 4. measures one DPO fwd+bwd at Llama-3-8B head dims (d=4096, V=128,256): time and peak memory of
    fastpref vs the naive materialising path and the GEMM floor; prints the table and writes a PNG.
 """
@@ -77,13 +78,13 @@ def collate(tokenizer, examples):
     }
 
 
-def tiny_llama(vocab_size: int, seed: int = 0):
+def tiny_llama(vocab_size: int, seed: int = 0, **config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=False, **config)
     return LlamaForCausalLM(config)
 
 
@@ -108,60 +109,30 @@ def sft_warmup(model, tokenizer, data, steps: int, batch_pairs: int, lr: float =
             log(f"sft {step + 1:3d}  nll {loss.item():.4f}")
 
 
-def calibrate_c(reference, tokenizer, data, batch_pairs: int) -> float:
-    """MallowsPO's ``c`` such that the mean dispersion psi over the data is 1 (one pass of the reference)."""
-    batches = []
-    with torch.no_grad():
-        for i in range(0, len(data), batch_pairs):
-            batch = collate(tokenizer, data[i : i + batch_pairs])
-            seq = fastpref.sequence_logps(_hidden(reference, batch), reference.lm_head.weight,
-                                          fastpref.shift_labels(batch["labels"]), entropy=True)
-            pairs = seq.mean_entropy.shape[0] // 2
-            batches.append((seq.mean_entropy[:pairs], seq.mean_entropy[pairs:]))
-    return fastpref.calibrate_dispersion_c(batches, vocab_size=reference.lm_head.weight.shape[0])
-
-
 def train(steps: int = 40, batch_pairs: int = 8, num_pairs: int = 32, sft_steps: int = 30, lr: float = 1e-4,
           seed: int = 0, log=print) -> list[dict]:
-    """SFT warm-up, then MallowsPO through :func:`fastpref.preference_loss`; returns per-step metrics.
+    """SFT warm-up, then MallowsPO through TRL's trainer with fastpref's fused loss; returns per-step logs.
 
-    A small fixed set of ``num_pairs`` pairs is cycled (a few epochs, so the loss visibly falls). The
-    reference is a frozen copy of the warmed-up model, run in the same fused pass for its log-probs
-    and entropies (MallowsPO's dispersion); ``c`` is calibrated on the data so that mean psi = 1.
-    MallowsPO-theta with the reference term (``reference_free=False``) and mean log-probs, beta = 10.
+    :class:`fastpref.integrations.trl.FastPrefDPOTrainer` precomputes the reference log-probs and
+    entropies of the warmed-up model with fastpref, calibrates MallowsPO's ``c`` on them (mean psi = 1),
+    then trains MallowsPO-theta with the reference term (``reference_free=False``) on mean log-probs,
+    beta = 10, cycling a small fixed set of ``num_pairs`` pairs so the loss visibly falls.
     """
-    from tqdm import tqdm
+    from datasets import Dataset
+
+    from .integrations.trl import train_demo
 
     tokenizer = build_tokenizer()
-    model = tiny_llama(len(tokenizer), seed)
+    model = tiny_llama(len(tokenizer), seed, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     data = preference_pairs(tokenizer, num_pairs, seed)
     sft_warmup(model, tokenizer, data, sft_steps, batch_pairs, log=log)
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
-    c = calibrate_c(reference, tokenizer, data, batch_pairs)
-    log(f"calibrated dispersion constant c = {c:.3f} (mean psi = 1 over {len(data)} pairs)")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    history = []
-    bar = tqdm(range(steps), desc="MallowsPO (fused)", unit="step", disable=None)
-    for step in bar:
-        start = (step * batch_pairs) % len(data)
-        batch = collate(tokenizer, data[start : start + batch_pairs])
-        with torch.no_grad():
-            ref_hidden = _hidden(reference, batch)
-        out = fastpref.preference_loss(
-            _hidden(model, batch), model.lm_head.weight, fastpref.shift_labels(batch["labels"]),
-            loss="mallows_dpo", ref_hidden=ref_hidden, ref_weight=reference.lm_head.weight, dispersion_c=c,
-            reference_free=False, trl_metrics=True,
-        )
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics = {"loss": out.loss.item(), **{k: v.item() for k, v in out.metrics.items()}}
-        history.append(metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-        log(f"step {step + 1:3d}  loss {metrics['loss']:.4f}  margins {metrics['rewards/margins']:+.4f}  "
-            f"accuracies {metrics['rewards/accuracies']:.2f}  psi {metrics['neg_log_dispersion']:.3f}  "
-            f"entropy {metrics['entropy']:.3f}")
-    return history
+    _, history = train_demo(
+        model, tokenizer, Dataset.from_list(data), loss="mallows_dpo",
+        loss_kwargs={"beta": 10.0, "reference_free": False},
+        max_steps=steps, learning_rate=lr, batch_size=batch_pairs, seed=seed, calibrate_dispersion=True,
+        disable_tqdm=False,
+    )
+    return [h for h in history if "loss" in h and "train_loss" not in h]
 
 
 def head_benchmark(response: int, out_dir: str, log=print) -> str:
@@ -194,11 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-benchmark", action="store_true")
     parser.add_argument("--out", default="out/demo")
     args = parser.parse_args(argv)
-    from tqdm import tqdm
-
-    history = train(args.steps, args.batch_pairs, args.num_pairs, args.sft_steps, log=tqdm.write)
+    history = train(args.steps, args.batch_pairs, args.num_pairs, args.sft_steps)
     first, last = history[0], history[-1]
-    print(f"\nMallowsPO: loss {first['loss']:.4f} -> {last['loss']:.4f}, "
-          f"reward accuracy {first['rewards/accuracies']:.2f} -> {last['rewards/accuracies']:.2f}")
+    print(f"\nMallowsPO through FastPrefDPOTrainer: loss {first['loss']:.4f} -> {last['loss']:.4f}, "
+          f"reward accuracy {first['rewards/accuracies']:.2f} -> {last['rewards/accuracies']:.2f}, "
+          f"margins {first['rewards/margins']:+.3f} -> {last['rewards/margins']:+.3f}")
     if not args.skip_benchmark:
         head_benchmark(args.response, args.out)
