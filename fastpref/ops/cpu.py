@@ -34,6 +34,9 @@ else:
             raise ValueError(f"FASTPREF_CPU_ISA: {err}") from None
 
 AVAILABLE = _C is not None
+# Chunk size for token_stats on CPU: no [C, V] temporaries here, and MKL runs the chunk GEMMs faster
+# with 512 rows than with 256 at V = 128k (163 vs 143 GFLOP/s measured on 2 AVX2 cores).
+CHUNK_BYTES = 256 * 2**20
 
 
 def isa() -> str | None:

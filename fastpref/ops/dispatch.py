@@ -98,7 +98,7 @@ def resolve(device: torch.device, backend: str | None = None) -> tuple[str, Modu
         warnings.warn(
             f"fastpref: the {preferred!r} backend is not available for {device.type} tensors; "
             "using the slower PyTorch row kernels (see fastpref.backends()).",
-            stacklevel=3,
+            stacklevel=2,
         )
     return "torch", _load("torch")
 

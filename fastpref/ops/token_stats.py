@@ -74,10 +74,10 @@ class _Plan:
 
 def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: float, out: torch.Tensor) -> torch.Tensor:
     """``out = scale * (h @ w.T + b)`` in the input dtype (fp32 accumulate inside the GEMM)."""
-    if b is None:
+    if b is None and scale == 1.0:
         torch.mm(h, w.t(), out=out)
-        if scale != 1.0:
-            out.mul_(scale)
+    elif b is None:  # the scale inside the GEMM (beta=0 ignores the old contents of out)
+        torch.addmm(out, h, w.t(), beta=0.0, alpha=scale, out=out)
     else:
         torch.addmm(b, h, w.t(), beta=scale, alpha=scale, out=out)
     return out
@@ -98,6 +98,16 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc += _mm_fp32(a, b)
+
+
+def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """``out = a @ b`` or ``out += a @ b``; an fp32 ``out`` takes low-precision products unrounded."""
+    if accumulate:
+        _addmm_fp32(out, a, b)
+    elif a.dtype == out.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(_mm_fp32(a, b))
 
 
 def _chunks(start: int, stop: int, step: int) -> list[tuple[int, int]]:
@@ -130,12 +140,17 @@ class _TokenStatsFunction(torch.autograd.Function):
         work = h.new_empty((min(m - kept, plan.chunk_rows), vocab))
         work_ref = h_ref.new_empty(work.shape) if plan.has_ref else None
         grad_pieces = torch.empty_like(h) if pieces else None
+        if kept:  # one GEMM over all kept rows: bigger GEMMs run faster than chunk-sized ones
+            _project(h[:kept], w, b, plan.scale, kept_z)
+            if kept_zr is not None:
+                _project(h_ref[:kept], w_ref, b_ref, plan.scale, kept_zr)
         for s, e in _chunks(0, kept, plan.chunk_rows) + _chunks(kept, m, plan.chunk_rows):
-            z = _project(h[s:e], w, b, plan.scale, kept_z[s:e] if e <= kept else work[: e - s])
+            z = kept_z[s:e] if e <= kept else _project(h[s:e], w, b, plan.scale, work[: e - s])
             zr = None
-            if plan.has_ref:
-                out = kept_zr[s:e] if e <= kept and kept_zr is not None else work_ref[: e - s]
-                zr = _project(h_ref[s:e], w_ref, b_ref, plan.scale, out)
+            if kept_zr is not None and e <= kept:
+                zr = kept_zr[s:e]
+            elif plan.has_ref:
+                zr = _project(h_ref[s:e], w_ref, b_ref, plan.scale, work_ref[: e - s])
             stats = plan.rows.forward_rows(z, y[s:e], want=plan.want, ref_logits=zr, **plan.kernel_args())
             for k, v in stats.items():
                 outs[k][s:e] = v
@@ -165,8 +180,9 @@ class _TokenStatsFunction(torch.autograd.Function):
 
         m, vocab = h.shape[0], w.shape[0]
         row_stats = {"lse": lse, "entropy": entropy, "ref_lse": ref_lse}
+        # Every element of grad_h / grad_W is written by a GEMM below (no zero-fill), except with no rows.
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(w) if need_w else None
+        grad_w = (torch.empty_like(w) if m else torch.zeros_like(w)) if need_w else None
         grad_b = torch.zeros(vocab, device=w.device, dtype=torch.float32) if need_b else None
 
         kept = ctx.kept if ctx.kept_logits is not None else 0  # kept logits are consumed by the first backward
@@ -187,21 +203,24 @@ class _TokenStatsFunction(torch.autograd.Function):
         rest = m - kept
         if rest:
             # Tiles of about one chunk: a vocabulary slice over as many rows as fit (all, when they do).
+            # Low-precision heads accumulate in fp32 only what sums over several GEMMs.
             tile = plan.chunk_rows * vocab
             width = min(vocab, max(tile // rest, 512))
             block = min(rest, max(1, tile // width))
             low_precision = h.dtype != torch.float32
-            acc_h = grad_h[kept:].zero_() if need_h and not low_precision else (
-                torch.zeros(rest, h.shape[1], device=h.device) if need_h else None)
+            separate_h = low_precision and width < vocab
+            separate_w = low_precision and (block < rest or kept > 0)
+            if need_h:
+                acc_h = torch.empty(rest, h.shape[1], device=h.device) if separate_h else grad_h[kept:]
             buf = h.new_empty((block, width))
             buf_ref = h_ref.new_empty((block, width)) if "g_kl" in grads else None
-            single_write = block == rest and not kept  # one GEMM per grad_W slice: write it directly
             for v0, v1 in _chunks(0, vocab, width):
                 w_slice = w[v0:v1]
-                acc_w = None
-                if need_w and not single_write:
-                    acc_w = grad_w[v0:v1] if not low_precision else grad_w[v0:v1].float()
-                for s, e in _chunks(kept, m, block):
+                if need_w:
+                    acc_w = grad_w[v0:v1]
+                    if separate_w:
+                        acc_w = acc_w.float() if kept else torch.empty(acc_w.shape, device=w.device)
+                for i, (s, e) in enumerate(_chunks(kept, m, block)):
                     bias = None if b is None else b[v0:v1]
                     z = _project(h[s:e], w_slice, bias, plan.scale, buf[: e - s, : v1 - v0])
                     zr = None
@@ -211,16 +230,14 @@ class _TokenStatsFunction(torch.autograd.Function):
                     # targets outside this slice get no one-hot term (backend contract)
                     _backward_rows(plan, z, zr, y[s:e] - v0, _rows(row_stats, s, e), _rows(grads, s, e))
                     if need_h:
-                        _addmm_fp32(acc_h[s - kept : e - kept], z, w_slice)
-                    if need_w and single_write:
-                        torch.mm(z.t(), h[s:e], out=grad_w[v0:v1])
-                    elif need_w:
-                        _addmm_fp32(acc_w, z.t(), h[s:e])
+                        _gemm(acc_h[s - kept : e - kept], z, w_slice, accumulate=v0 > 0)
+                    if need_w:
+                        _gemm(acc_w, z.t(), h[s:e], accumulate=kept > 0 or i > 0)
                     if need_b:
                         grad_b[v0:v1] += z.sum(0, dtype=torch.float32)
-                if acc_w is not None and low_precision:
+                if need_w and separate_w:
                     grad_w[v0:v1] = acc_w
-            if need_h and low_precision:
+            if need_h and separate_h:
                 grad_h[kept:] = acc_h
         return (
             grad_h,
@@ -260,16 +277,18 @@ def _row_outputs(plan: _Plan) -> list[str]:
     return keys + (["ref_lse", "ref_logp"] if plan.has_ref else [])
 
 
-def default_chunk_rows(vocab: int, device: torch.device | str = "cpu", element_size: int = 4) -> int:
-    """Rows per chunk: about 128 MiB of fp32 logits on CPU; 512 MiB in the input dtype on CUDA.
+def default_chunk_rows(vocab: int, device: torch.device | str = "cpu", element_size: int = 4,
+                       chunk_bytes: int | None = None) -> int:
+    """Rows per chunk: ``chunk_bytes`` of fp32 logits on CPU (default 128 MiB, the C++ backend asks
+    for 256 MiB: it has no chunk-sized temporaries); 512 MiB in the input dtype on CUDA.
 
     GPUs need a few thousand rows per chunk so that each GEMM reuses every byte of ``W`` it reads
-    (at V=128k in bf16: ~2048 rows); on CPU smaller chunks keep the fp32 row temporaries small.
+    (at V=128k in bf16: ~2048 rows); on CPU a chunk of 256-512 rows already runs MKL near its peak.
     """
     if torch.device(device).type == "cuda":
         rows = (512 * 2**20) // (element_size * vocab)
     else:
-        rows = DEFAULT_CHUNK_BYTES // (4 * vocab)
+        rows = (chunk_bytes or DEFAULT_CHUNK_BYTES) // (4 * vocab)
     rows = max(1, rows)
     return rows - rows % 16 if rows >= 64 else rows
 
@@ -353,7 +372,8 @@ def token_stats(
         want=want,
         has_ref=ref_hidden is not None,
         detach_entropy=bool(detach_entropy),
-        chunk_rows=chunk_size or default_chunk_rows(vocab, hidden.device, hidden.element_size()),
+        chunk_rows=chunk_size or default_chunk_rows(vocab, hidden.device, hidden.element_size(),
+                                                    getattr(rows, "CHUNK_BYTES", None)),
         logits_budget=int(logits_budget),
         scale=scale,
         softcap=float(softcap or 0.0),

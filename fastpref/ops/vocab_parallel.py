@@ -12,8 +12,8 @@ group, so every rank ends up with the statistics of the full softmax:
   ``log sum p^2 = logsumexp_r(2 log w_r + lss_r)``, the target logit from the shard that owns it,
   ``KL(p_ref || p) = sum_r w_ref_r (KL_r + log w_ref_r - log w_r)``, TRL's mean logit and top-1 flag;
 * backward: the inner kernel computes ``dL/dz`` on the local columns with the GLOBAL ``lse`` /
-  entropy / reference ``lse`` (all that the softmax terms need), and one fix-up removes the one-hot
-  term it adds for rows whose target lives on another shard;
+  entropy / reference ``lse`` (all that the softmax terms need); targets on another shard are outside
+  the local columns, so they add no one-hot term (the backend contract of vocabulary slices);
 * ``grad_hidden = dz_local @ W_local`` is a partial sum over shards: :meth:`VocabParallel.hidden`
   wraps ``hidden`` in an identity whose backward all-reduces the gradient (Megatron's
   "copy to tensor-parallel region"). ``grad_W`` / ``grad_bias`` stay local (each rank owns its rows).
@@ -46,13 +46,6 @@ def _transform(raw: torch.Tensor, softcap: float, post_scale: float) -> torch.Te
     """The fp32 logits the softmax sees (the backend convention of ``fastpref.ops.dispatch``)."""
     z = raw.float()
     return torch.tanh(z / softcap) * (softcap * post_scale) if softcap else z
-
-
-def _transform_slope(raw: torch.Tensor, softcap: float, post_scale: float) -> torch.Tensor:
-    """``d z / d raw`` of :func:`_transform` (1 without soft-capping)."""
-    if not softcap:
-        return torch.ones_like(raw, dtype=torch.float32)
-    return (1 - torch.tanh(raw.float() / softcap).square()) * post_scale
 
 
 class _ReduceGradOverVocab(torch.autograd.Function):
@@ -236,20 +229,12 @@ class VocabParallel:
 
     def backward_rows_(self, logits, target, lse, *, g_logp=None, g_entropy=None, entropy=None, g_kl=None,
                        ref_logits=None, ref_lse=None, softcap=0.0, post_scale=1.0):
-        local, mine = self._localise(target)
-        slope = None
-        if g_logp is not None:
-            slope = _transform_slope(logits.gather(1, local[:, None]).squeeze(1), softcap, post_scale)
-        # With the global lse / entropy / ref_lse, the inner kernel's softmax terms are exact on the local columns.
+        # With the global lse / entropy / ref_lse, the inner kernel's softmax terms are exact on the local
+        # columns; a target on another shard falls outside [0, local width) and adds no one-hot term.
         self._inner(logits.device).backward_rows_(
-            logits, local, lse, g_logp=g_logp, g_entropy=g_entropy, entropy=entropy, g_kl=g_kl,
-            ref_logits=ref_logits, ref_lse=ref_lse, softcap=softcap, post_scale=post_scale,
+            logits, target - self.vocab_start, lse, g_logp=g_logp, g_entropy=g_entropy, entropy=entropy,
+            g_kl=g_kl, ref_logits=ref_logits, ref_lse=ref_lse, softcap=softcap, post_scale=post_scale,
         )
-        if g_logp is not None:
-            # The inner kernel put the one-hot term g_logp * slope on the clamped column of every row;
-            # rows whose target lives on another shard must not have it.
-            undo = torch.where(mine, torch.zeros_like(g_logp), g_logp.float() * slope)
-            logits.scatter_add_(1, local[:, None], (-undo).to(logits.dtype)[:, None])
 
 
 __all__ = ["VocabParallel", "shard_range"]
