@@ -195,7 +195,8 @@ def measure(case: str, shape: Shape, repeats: int = 1, device: str = "cpu", time
 def report(rows: list[dict], shape: Shape) -> str:
     """A markdown table with ratios to the GEMM floor and to the naive path, measured in one run."""
     times = {r["case"]: r["time_s"] for r in rows if "time_s" in r}
-    baselines = [("gemm_floor", "GEMM floor"), ("naive", "naive"), ("liger", "Liger")]
+    baselines = [(b, label) for b, label in (("gemm_floor", "GEMM floor"), ("naive", "naive"), ("liger", "Liger"))
+                 if b in times]
     grads = shape.grad_bytes()
     lines = [
         "| case | time (s) | " + " | ".join(f"÷ {label}" for _, label in baselines)
@@ -207,7 +208,7 @@ def report(rows: list[dict], shape: Shape) -> str:
             lines.append(f"| {r['case']} | n/a ({r.get('error', '')[:60]}) |" + " |" * (len(baselines) + 2))
             continue
         t, mem = r["time_s"], r["peak_extra_bytes"]
-        ratios = " | ".join(f"{t / times[b]:.2f}" if b in times else "" for b, _ in baselines)
+        ratios = " | ".join(f"{t / times[b]:.2f}" for b, _ in baselines)
         lines.append(f"| {r['case']} | {t:.2f} | {ratios} | {mem / GiB:.2f} | {(mem - grads) / GiB:+.2f} |")
     return "\n".join(lines)
 
