@@ -84,15 +84,16 @@ def check_token_inputs(
     vocab = vocab_size or weight.shape[0]
     valid = labels != ignore_index
     bad_label = valid & ((labels < 0) | (labels >= vocab))
-    flags = [valid.sum(), bad_label.any(), ~torch.isfinite(hidden).all()]
-    if ref_hidden is not None:
-        flags.append(~torch.isfinite(ref_hidden).all())
+    # one host sync for every value check (the reference head is frozen: its weight is not re-checked)
+    checked = {"hidden": hidden, "weight": weight, "bias": bias, "ref_hidden": ref_hidden}
+    checked = {name: x for name, x in checked.items() if x is not None}
+    flags = [valid.sum(), bad_label.any()] + [~torch.isfinite(x).all() for x in checked.values()]
     num_valid, has_bad_label, *nonfinite = torch.stack([f.to(torch.int64) for f in flags]).tolist()
     if has_bad_label:
         bad = labels[bad_label]
         fail("labels", f"has values outside [0, {vocab}) that are not ignore_index={ignore_index}: "
                        f"{bad[:5].tolist()}")
-    for name, flag in zip(("hidden", "ref_hidden"), nonfinite):
+    for name, flag in zip(checked, nonfinite):
         if flag:
             fail(name, "contains NaN or Inf")
     return num_valid, valid

@@ -45,6 +45,8 @@ def _precomputed(name: str, x: torch.Tensor | None, count: int, labels: torch.Te
         if x.shape[0] != count:
             _checks.fail(name, f"has {x.shape[0]} entries for {count} {what}")
         _checks.same_device(name, x, "labels", labels)
+        if not torch.isfinite(x).all():
+            _checks.fail(name, "contains NaN or Inf")
         x = x.float()
     return x
 

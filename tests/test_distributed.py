@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import socket
 import traceback
 
@@ -118,6 +119,12 @@ def _vocab_parallel_token_stats(rank):
 
     with pytest.raises(ValueError, match="labels"):
         vp.token_stats(h, w[start:end], torch.full_like(y, vocab))
+
+    # The default chunk size comes from the full vocabulary, so uneven shards agree on the chunks (one
+    # collective each): with 20 KB chunks, 501 local rows would give 4-row chunks and 500 give 5.
+    sys.modules["fastpref.ops.token_stats"].DEFAULT_CHUNK_BYTES = 4 * 500 * 5
+    got = vp.token_stats(h, w[start:end], y, entropy=True)
+    _close(got.logp, fastpref.token_stats(h, w, y, backend="torch").logp, 2e-5, "default chunk size")
 
 
 def _vocab_parallel_losses(rank):

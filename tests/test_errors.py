@@ -66,6 +66,20 @@ def test_non_finite_hidden(value):
     raises("ref_hidden", fastpref.token_stats, good()[0], w, y, ref_hidden=h2, backend=BACKEND)
 
 
+@pytest.mark.parametrize("arg", ["weight", "bias"])
+def test_non_finite_head(arg):
+    h, w, y = good()
+    b = torch.zeros(20)
+    (w if arg == "weight" else b)[3] = float("nan")
+    raises(arg, fastpref.token_stats, h, w, y, bias=b, backend=BACKEND)
+
+
+def test_non_finite_precomputed_reference():
+    h, w, y = good()
+    raises("ref_chosen_logps", fastpref.preference_loss, h, w, y, loss="dpo",
+           ref_chosen_logps=torch.tensor([0.0, float("nan")]), ref_rejected_logps=torch.zeros(2), backend=BACKEND)
+
+
 def test_options():
     h, w, y = good()
     raises("ref_hidden", fastpref.token_stats, h, w, y, kl=True)

@@ -150,7 +150,8 @@ def sequence_reference_stats(model, model_kwargs: dict, labels: torch.Tensor, tr
                              chunk_size=None, backend=None, adapter_context=None) -> dict[str, torch.Tensor]:
     """Per-sequence SUMMED log-probs (and token entropies) of ``model`` on a batch, without gradient.
 
-    What ``precompute_ref_log_probs`` stores: ``{"logps": [S], "entropy": [S] or absent}``.
+    What ``precompute_ref_log_probs`` stores: ``{"logps": [S], "entropy": [S] or absent}``, and the
+    scored tokens per sequence (``"num_tokens"``, after the collator's truncation) with the entropies.
     """
 
     def fn(hidden, weight, bias):
@@ -160,7 +161,7 @@ def sequence_reference_stats(model, model_kwargs: dict, labels: torch.Tensor, tr
                                  chunk_size=chunk_size, backend=backend, **transform)
         out = {"logps": seq.sum_logp}
         if entropy:
-            out["entropy"] = seq.sum_entropy
+            out["entropy"], out["num_tokens"] = seq.sum_entropy, seq.num_tokens
         return out
 
     with torch.no_grad(), (adapter_context or contextlib.nullcontext()):

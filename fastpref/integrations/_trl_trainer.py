@@ -205,6 +205,8 @@ class FastPrefDPOTrainer(DPOTrainer):
         out = dict(zip(("ref_chosen_logps", "ref_rejected_logps"), stats["logps"].chunk(2)))
         if "entropy" in stats:
             out.update(zip(("ref_chosen_entropy", "ref_rejected_entropy"), stats["entropy"].chunk(2)))
+            # for calibrating MallowsPO's c on per-token means (the collator may have truncated the responses)
+            out.update(zip(("ref_chosen_tokens", "ref_rejected_tokens"), stats["num_tokens"].chunk(2)))
         return out
 
     def compute_ref_log_probs(self, model, inputs):

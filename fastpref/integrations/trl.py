@@ -180,15 +180,16 @@ def train_demo(model, tokenizer, train_dataset, *, loss: str = "mallows_dpo", lo
 def dispersion_c_from_columns(dataset, vocab_size: int) -> float:
     """MallowsPO's ``c`` making the mean psi 1, from precomputed ``ref_*_entropy`` columns of a TRL pair dataset.
 
-    The columns are summed over completion tokens; the per-token means use the completion lengths
-    (``chosen_ids`` / ``rejected_ids``), as the official estimator does.
+    The columns are summed over completion tokens; the per-token means divide by the tokens that were
+    scored (``ref_chosen_tokens`` / ``ref_rejected_tokens``, stored by the same precompute, so responses
+    the collator truncated count only their kept tokens), as the official estimator does.
     """
     import torch
 
     from ..losses import calibrate_dispersion_c
 
-    chosen = torch.tensor(dataset["ref_chosen_entropy"]) / torch.tensor([len(x) for x in dataset["chosen_ids"]])
-    rejected = torch.tensor(dataset["ref_rejected_entropy"]) / torch.tensor([len(x) for x in dataset["rejected_ids"]])
+    chosen = torch.tensor(dataset["ref_chosen_entropy"]) / torch.tensor(dataset["ref_chosen_tokens"])
+    rejected = torch.tensor(dataset["ref_rejected_entropy"]) / torch.tensor(dataset["ref_rejected_tokens"])
     return calibrate_dispersion_c(chosen, rejected, vocab_size=vocab_size)
 
 

@@ -1,8 +1,9 @@
 """Row kernels of the token-statistics op in plain PyTorch: the portable backend.
 
 Every backend implements the two functions of this module with the same contract (see
-``fastpref.ops.dispatch``). This one runs on any device; it allocates up to two fp32 temporaries of
-the chunk's size, which the Triton and C++ backends avoid.
+``fastpref.ops.dispatch``). This one runs on any device; it allocates fp32 temporaries of the chunk's
+size (up to three for bf16/fp16 inputs with entropies, about five with the reference and KL), which
+the Triton and C++ backends avoid.
 """
 
 from __future__ import annotations

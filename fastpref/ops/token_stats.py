@@ -339,8 +339,9 @@ def token_stats(
         log_sum_sq_probs, mean_logits, is_top1: no-grad extras (WPO weights and TRL's metrics).
         logits_budget: bytes of chunk logits the backward may keep instead of recomputing them
             (0 = always recompute: 4 GEMMs; enough for all chunks: 3 GEMMs).
-        chunk_size: rows per chunk (default: :func:`default_chunk_rows`, ~128 MiB of fp32 logits on CPU,
-            ~512 MiB in the input dtype on CUDA); the backward tiles hold about as many logits.
+        chunk_size: rows per chunk (default: :func:`default_chunk_rows`: 256 MiB of fp32 logits with the
+            C++ backend, 128 MiB with the PyTorch one, ~512 MiB in the input dtype on CUDA); the
+            backward tiles hold about as many logits.
         logit_scale, softcap, temperature: the softmax sees
             ``softcap * tanh(logit_scale * (h W^T + b) / softcap) / temperature`` (no tanh when
             ``softcap`` is None), the conventions of Gemma-style heads and TRL's fused head.
@@ -372,8 +373,9 @@ def token_stats(
         want=want,
         has_ref=ref_hidden is not None,
         detach_entropy=bool(detach_entropy),
-        chunk_rows=chunk_size or default_chunk_rows(vocab, hidden.device, hidden.element_size(),
-                                                    getattr(rows, "CHUNK_BYTES", None)),
+        # From the full vocabulary: the ranks of a vocabulary-parallel head must agree on the chunks.
+        chunk_rows=chunk_size or default_chunk_rows(getattr(rows, "vocab_size", None) or vocab, hidden.device,
+                                                    hidden.element_size(), getattr(rows, "CHUNK_BYTES", None)),
         logits_budget=int(logits_budget),
         scale=scale,
         softcap=float(softcap or 0.0),

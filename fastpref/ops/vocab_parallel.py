@@ -33,6 +33,7 @@ import torch.distributed as dist
 from .. import _checks
 from . import dispatch
 from .dispatch import Want
+from .rows_torch import _transform
 
 
 def shard_range(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -40,12 +41,6 @@ def shard_range(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
     per = math.ceil(vocab_size / world_size)
     start = min(rank * per, vocab_size)
     return start, min(start + per, vocab_size)
-
-
-def _transform(raw: torch.Tensor, softcap: float, post_scale: float) -> torch.Tensor:
-    """The fp32 logits the softmax sees (the backend convention of ``fastpref.ops.dispatch``)."""
-    z = raw.float()
-    return torch.tanh(z / softcap) * (softcap * post_scale) if softcap else z
 
 
 class _ReduceGradOverVocab(torch.autograd.Function):
@@ -158,12 +153,12 @@ class VocabParallel:
         local, mine = self._localise(target)
         inner = self._inner(logits.device)
         # The target logit and shard maximum are read from the raw chunk before the inner kernel runs.
-        z_t = _transform(logits.gather(1, local[:, None]).squeeze(1), softcap, post_scale)
+        z_t = _transform(logits.gather(1, local[:, None]).squeeze(1), softcap, post_scale)[0]
         z_t = torch.where(mine, z_t, torch.zeros_like(z_t))
-        z_max = _transform(logits.max(dim=1).values, softcap, post_scale) if want.is_top1 else None
+        z_max = _transform(logits.max(dim=1).values, softcap, post_scale)[0] if want.is_top1 else None
         zr_t = None
         if ref_logits is not None:
-            zr_t = _transform(ref_logits.gather(1, local[:, None]).squeeze(1), softcap, post_scale)
+            zr_t = _transform(ref_logits.gather(1, local[:, None]).squeeze(1), softcap, post_scale)[0]
             zr_t = torch.where(mine, zr_t, torch.zeros_like(zr_t))
         part = inner.forward_rows(logits, local, want=want, ref_logits=ref_logits, softcap=softcap,
                                   post_scale=post_scale)
