@@ -84,10 +84,11 @@ def check_token_inputs(
     vocab = vocab_size or weight.shape[0]
     valid = labels != ignore_index
     bad_label = valid & ((labels < 0) | (labels >= vocab))
-    # one host sync for every value check (the reference head is frozen: its weight is not re-checked)
+    # One host sync for every value check (the reference head is frozen: its weight is not re-checked).
+    # A NaN or Inf anywhere makes the fp32 sum non-finite; unlike isfinite(x).all() it allocates nothing.
     checked = {"hidden": hidden, "weight": weight, "bias": bias, "ref_hidden": ref_hidden}
     checked = {name: x for name, x in checked.items() if x is not None}
-    flags = [valid.sum(), bad_label.any()] + [~torch.isfinite(x).all() for x in checked.values()]
+    flags = [valid.sum(), bad_label.any()] + [~torch.isfinite(x.sum(dtype=torch.float32)) for x in checked.values()]
     num_valid, has_bad_label, *nonfinite = torch.stack([f.to(torch.int64) for f in flags]).tolist()
     if has_bad_label:
         bad = labels[bad_label]
