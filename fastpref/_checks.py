@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+HEAD_DTYPES = FLOAT_DTYPES + (torch.float64,)  # level 1 also takes fp64 (tests, research code)
 
 
 def fail(arg: str, message: str) -> None:
     raise ValueError(f"fastpref: `{arg}` {message}")
 
 
-def tensor(arg: str, x, *, ndim: int | None = None, min_ndim: int | None = None, floating: bool | None = None) -> None:
+def tensor(arg: str, x, *, ndim: int | None = None, min_ndim: int | None = None, floating: bool | None = None,
+           dtypes: tuple = FLOAT_DTYPES) -> None:
     if not isinstance(x, torch.Tensor):
         fail(arg, f"must be a torch.Tensor, got {type(x).__name__}")
     if ndim is not None and x.dim() != ndim:
         fail(arg, f"must have {ndim} dimensions, got shape {tuple(x.shape)}")
     if min_ndim is not None and x.dim() < min_ndim:
         fail(arg, f"must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}")
-    if floating is True and x.dtype not in FLOAT_DTYPES:
-        fail(arg, f"must be float32, bfloat16 or float16, got {x.dtype}")
+    if floating is True and x.dtype not in dtypes:
+        fail(arg, f"must be one of {', '.join(str(d).replace('torch.', '') for d in dtypes)}, got {x.dtype}")
     if floating is False and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
         fail(arg, f"must be an integer tensor, got {x.dtype}")
 
@@ -34,11 +38,43 @@ def same_dtype(arg: str, x: torch.Tensor, ref_arg: str, ref: torch.Tensor) -> No
         fail(arg, f"has dtype {x.dtype} but `{ref_arg}` has {ref.dtype}")
 
 
+def flag(arg: str, value) -> bool:
+    """A boolean option: ``True``/``False`` (or 0/1), never a string or other truthy object."""
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    fail(arg, f"must be True or False, got {value!r}")
+
+
+def integer(arg: str, value, *, minimum: int | None = None, optional: bool = False) -> None:
+    """An int option (not a bool), at least ``minimum``; None allowed when ``optional``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        fail(arg, f"must be an int{bound}{' or None' if optional else ''}, got {value!r}")
+
+
+def positive(arg: str, value, *, optional: bool = False) -> None:
+    """A finite real number > 0 (not a bool or a string); None allowed when ``optional``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        fail(arg, f"must be a finite number > 0{' or None' if optional else ''}, got {value!r}")
+
+
 def _head(prefix: str, hidden, weight, bias, labels) -> None:
     """Checks one (hidden, weight, bias) head against ``labels``; ``prefix`` is "" or "ref_"."""
     h, w, b = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
-    tensor(h, hidden, min_ndim=1, floating=True)
-    tensor(w, weight, ndim=2, floating=True)
+    tensor(h, hidden, min_ndim=1, floating=True, dtypes=HEAD_DTYPES)
+    tensor(w, weight, floating=True, dtypes=HEAD_DTYPES)
+    if weight.numel() == 0 and hasattr(weight, "ds_id"):
+        fail(w, "is a DeepSpeed ZeRO-3 partitioned parameter (empty outside its module's forward): gather it "
+                "with deepspeed.zero.GatheredParameters, or let fastpref.integrations call the loss inside the "
+                "model's forward, where the head is gathered")
+    if weight.dim() != 2:
+        fail(w, f"must have 2 dimensions [V, d], got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        fail(w, f"has no vocabulary rows (shape {tuple(weight.shape)}); a sharded head must be gathered first")
     if hidden.shape[:-1] != labels.shape:
         fail(h, f"has shape {tuple(hidden.shape)}; expected labels.shape + (d,) = {tuple(labels.shape)} + (d,)")
     if weight.shape[1] != hidden.shape[-1]:
@@ -47,7 +83,7 @@ def _head(prefix: str, hidden, weight, bias, labels) -> None:
     same_device(h, hidden, "labels", labels)
     same_device(w, weight, "labels", labels)
     if bias is not None:
-        tensor(b, bias, ndim=1, floating=True)
+        tensor(b, bias, ndim=1, floating=True, dtypes=HEAD_DTYPES)
         if bias.shape[0] != weight.shape[0]:
             fail(b, f"has shape {tuple(bias.shape)}; expected ({weight.shape[0]},) to match `{w}`")
         same_dtype(b, bias, w, weight)
@@ -56,14 +92,15 @@ def _head(prefix: str, hidden, weight, bias, labels) -> None:
 
 def check_token_inputs(
     hidden, weight, labels, *, bias, ignore_index, ref_hidden, ref_weight, ref_bias, kl, ref_entropy,
-    logits_budget, chunk_size, softcap, temperature, vocab_size=None,
-) -> tuple[int, torch.Tensor]:
-    """Validates level-1 inputs; returns (number of valid tokens, valid mask). One host sync.
-
-    ``vocab_size``: the label range when ``weight`` is one shard of a vocabulary-parallel head.
-    """
+    logits_budget, chunk_size, logit_scale, softcap, temperature, flags: dict, vocab_size=None,
+) -> int:
+    """Validates the level-1 arguments without reading any tensor's values (no host sync); returns the
+    label range: ``vocab_size`` when ``weight`` is one shard of a vocabulary-parallel head, else V."""
     tensor("labels", labels, floating=False)
+    integer("ignore_index", ignore_index)
     _head("", hidden, weight, bias, labels)
+    for name, value in flags.items():
+        flag(name, value)
     if ref_hidden is not None:
         _head("ref_", ref_hidden, ref_weight, ref_bias, labels)
         if ref_weight.shape[0] != weight.shape[0]:
@@ -72,32 +109,30 @@ def check_token_inputs(
         fail("ref_hidden", "is required when kl=True or ref_entropy=True")
     elif ref_weight is not None or ref_bias is not None:
         fail("ref_hidden", "is required when ref_weight/ref_bias are given")
-    if not isinstance(logits_budget, int) or logits_budget < 0:
-        fail("logits_budget", f"must be a non-negative number of bytes, got {logits_budget!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        fail("chunk_size", f"must be a positive int or None, got {chunk_size!r}")
-    if softcap is not None and not softcap > 0:
-        fail("softcap", f"must be positive or None, got {softcap!r}")
-    if not temperature > 0:
-        fail("temperature", f"must be positive, got {temperature!r}")
+    integer("logits_budget", logits_budget, minimum=0)
+    integer("chunk_size", chunk_size, minimum=1, optional=True)
+    positive("logit_scale", logit_scale)
+    positive("softcap", softcap, optional=True)
+    positive("temperature", temperature)
+    if vocab_size is not None:
+        integer("vocab_size", vocab_size, minimum=weight.shape[0])
+    return vocab_size or weight.shape[0]
 
-    vocab = vocab_size or weight.shape[0]
-    valid = labels != ignore_index
-    bad_label = valid & ((labels < 0) | (labels >= vocab))
-    # One host sync for every value check (the reference head is frozen: its weight is not re-checked).
-    # A NaN or Inf anywhere makes the fp32 sum non-finite; unlike isfinite(x).all() it allocates nothing.
-    checked = {"hidden": hidden, "weight": weight, "bias": bias, "ref_hidden": ref_hidden}
-    checked = {name: x for name, x in checked.items() if x is not None}
-    flags = [valid.sum(), bad_label.any()] + [~torch.isfinite(x.sum(dtype=torch.float32)) for x in checked.values()]
-    num_valid, has_bad_label, *nonfinite = torch.stack([f.to(torch.int64) for f in flags]).tolist()
-    if has_bad_label:
-        bad = labels[bad_label]
-        fail("labels", f"has values outside [0, {vocab}) that are not ignore_index={ignore_index}: "
-                       f"{bad[:5].tolist()}")
-    for name, flag in zip(checked, nonfinite):
-        if flag:
-            fail(name, "contains NaN or Inf")
-    return num_valid, valid
+
+def non_finite(named: dict) -> list[str]:
+    """Names of the tensors in ``named`` (None entries skipped) holding a NaN or an Inf.
+
+    ``aminmax`` rather than a sum: NaN propagates through min/max, an Inf is an extreme, and unlike
+    an fp32 sum a large finite bf16 value cannot overflow into a false alarm; nothing x-sized is allocated.
+    """
+    bad = []
+    for name, x in named.items():
+        if x is None or x.numel() == 0:
+            continue
+        lo, hi = torch.aminmax(x)
+        if not (torch.isfinite(lo) & torch.isfinite(hi)).item():
+            bad.append(name)
+    return bad
 
 
 def check_reduction(reduction: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import socket
 import traceback
 
@@ -86,7 +85,8 @@ def _vocab_parallel_token_stats(rank):
                  chunk_size=5)
     for softcap in (None, 4.0):
         hh, ws, bs = (t.clone().requires_grad_() for t in (h, w[start:end], b[start:end]))
-        got = vp.token_stats(hh, ws, y, bias=bs, ref_hidden=hr, ref_weight=wr[start:end], softcap=softcap, **asked)
+        got = fastpref.token_stats(hh, ws, y, bias=bs, ref_hidden=hr, ref_weight=wr[start:end], softcap=softcap,
+                                   vocab_parallel=vp, **asked)
         (got.logp * 1.3 + got.entropy * 0.7 + got.kl * 0.5).sum().backward()
         hf, wf, bf = (t.clone().requires_grad_() for t in (h, w, b))
         ref = fastpref.token_stats(hf, wf, y, bias=bf, ref_hidden=hr, ref_weight=wr, softcap=softcap, backend="torch",
@@ -104,13 +104,13 @@ def _vocab_parallel_token_stats(rank):
         _close(bs.grad, bf.grad[start:end], 2e-5, "grad bias shard")
 
     # Without a bias the all-zero rows tie across both shards: the first maximum (token 0) wins.
-    tied = vp.token_stats(h, w[start:end], y, is_top1=True).is_top1
+    tied = fastpref.token_stats(h, w[start:end], y, is_top1=True, vocab_parallel=vp).is_top1
     assert tied[2, 3] and not tied[2, 4]
     assert torch.equal(tied, fastpref.token_stats(h, w, y, is_top1=True, backend="torch").is_top1)
 
     # Frozen head (LoRA-style): the hidden-space gradient pieces are summed over shards too.
     hh = h.clone().requires_grad_()
-    got = vp.token_stats(hh, w[start:end], y, entropy=True)
+    got = fastpref.token_stats(hh, w[start:end], y, entropy=True, vocab_parallel=vp)
     (got.logp + got.entropy).sum().backward()
     hf = h.clone().requires_grad_()
     ref = fastpref.token_stats(hf, w, y, entropy=True, backend="torch")
@@ -118,12 +118,16 @@ def _vocab_parallel_token_stats(rank):
     _close(hh.grad, hf.grad, 2e-5, "frozen-head grad hidden")
 
     with pytest.raises(ValueError, match="labels"):
-        vp.token_stats(h, w[start:end], torch.full_like(y, vocab))
+        fastpref.token_stats(h, w[start:end], torch.full_like(y, vocab), vocab_parallel=vp)
 
     # The default chunk size comes from the full vocabulary, so uneven shards agree on the chunks (one
     # collective each): with 20 KB chunks, 501 local rows would give 4-row chunks and 500 give 5.
-    sys.modules["fastpref.ops.token_stats"].DEFAULT_CHUNK_BYTES = 4 * 500 * 5
-    got = vp.token_stats(h, w[start:end], y, entropy=True)
+    from fastpref.ops import Backend, register_backend
+    from fastpref.ops.backend import kernels
+
+    register_backend(Backend("torch_20kb_chunks", lambda: kernels("torch"), ("cpu",), chunk_bytes=4 * 500 * 5))
+    small = VocabParallel(vocab, start, end - start, backend="torch_20kb_chunks")
+    got = fastpref.token_stats(h, w[start:end], y, entropy=True, vocab_parallel=small)
     _close(got.logp, fastpref.token_stats(h, w, y, backend="torch").logp, 2e-5, "default chunk size")
 
 
@@ -139,8 +143,8 @@ def _vocab_parallel_losses(rank):
     vp = VocabParallel(vocab, start, end - start, backend="torch")
     for loss, kwargs in (("dpo", {}), ("tdpo2", {}), ("simpo", {})):
         hh, ws = h.clone().requires_grad_(), w[start:end].clone().requires_grad_()
-        got = vp.preference_loss(hh, ws, y, loss=loss, ref_hidden=hr, ref_weight=w[start:end], trl_metrics=True,
-                                 **kwargs)
+        got = fastpref.preference_loss(hh, ws, y, loss=loss, ref_hidden=hr, ref_weight=w[start:end],
+                                       trl_metrics=True, vocab_parallel=vp, **kwargs)
         got.loss.backward()
         hf, wf = h.clone().requires_grad_(), w.clone().requires_grad_()
         ref = fastpref.preference_loss(hf, wf, y, loss=loss, ref_hidden=hr, ref_weight=w, trl_metrics=True,

@@ -1,6 +1,6 @@
 """Row kernels of the token-statistics op in C++ (``csrc/``): the default backend for CPU tensors.
 
-Same contract as :mod:`fastpref.ops.rows_torch` (see :mod:`fastpref.ops.dispatch`), but each row is
+Same contract as :mod:`fastpref.ops.rows_torch` (:class:`fastpref.ops.backend.RowKernels`), but each row is
 read once per direction: the forward is one online max / sum-exp sweep that accumulates every
 requested statistic, and the backward rewrites the logits into dL/dlogits in a single
 read-modify-write sweep, with no ``[C, V]`` temporaries. OpenMP threads (torch's pool, so
@@ -8,7 +8,7 @@ read-modify-write sweep, with no ``[C, V]`` temporaries. OpenMP threads (torch's
 instruction set the CPU has (AVX-512, AVX2, or the portable baseline), chosen at import.
 
 ``AVAILABLE`` is False when the extension was not built or does not load (for instance, it was built
-against another torch); ``IMPORT_ERROR`` then says why, and the dispatcher falls back to PyTorch.
+against another torch); ``IMPORT_ERROR`` then says why, and :func:`fastpref.ops.backend.resolve` falls back to PyTorch.
 ``FASTPREF_CPU_ISA`` (``avx512``, ``avx2`` or ``baseline``) forces a lower kernel variant.
 """
 
@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from .dispatch import Want
+from .backend import Want
 
 try:
     from . import _cpu_rows as _C
@@ -34,9 +34,6 @@ else:
             raise ValueError(f"FASTPREF_CPU_ISA: {err}") from None
 
 AVAILABLE = _C is not None
-# Chunk size for token_stats on CPU: no [C, V] temporaries here, and MKL runs the chunk GEMMs faster
-# with 512 rows than with 256 at V = 128k (163 vs 143 GFLOP/s measured on 2 AVX2 cores).
-CHUNK_BYTES = 256 * 2**20
 
 
 def isa() -> str | None:

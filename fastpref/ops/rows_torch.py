@@ -1,21 +1,21 @@
-"""Row kernels of the token-statistics op in plain PyTorch: the portable backend.
+"""Row kernels of the token-statistics op in plain PyTorch: the portable backend, and the reference.
 
-Every backend implements the two functions of this module with the same contract (see
-``fastpref.ops.dispatch``). This one runs on any device; it allocates fp32 temporaries of the chunk's
-size (up to three for bf16/fp16 inputs with entropies, about five with the reference and KL), which
-the Triton and C++ backends avoid.
+Implements :class:`fastpref.ops.backend.RowKernels` on any device. It allocates fp32 temporaries of
+the chunk's size (up to three for bf16/fp16 inputs with entropies, about five with the reference and
+KL), which the Triton and C++ backends avoid. fp64 logits are computed in fp64.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .dispatch import Want
+from .backend import Want
 
 
-def _transform(raw: torch.Tensor, softcap: float, post_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 logits ``z`` seen by the softmax, and ``tanh(raw / softcap)`` when soft-capping (for the backward)."""
-    z = raw.float()
+def transform_logits(raw: torch.Tensor, softcap: float, post_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits ``z`` seen by the softmax (fp32, or fp64 for fp64 input), and ``tanh(raw / softcap)``
+    when soft-capping (for the backward)."""
+    z = raw.to(torch.promote_types(raw.dtype, torch.float32))
     if not softcap:
         return z, None
     t = torch.tanh(z / softcap)
@@ -31,7 +31,7 @@ def forward_rows(
     softcap: float = 0.0,
     post_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    z, _ = _transform(logits, softcap, post_scale)
+    z, _ = transform_logits(logits, softcap, post_scale)
     lse = torch.logsumexp(z, dim=-1)
     out = {"lse": lse, "logp": z.gather(1, target[:, None]).squeeze(1) - lse}
     if want.entropy or want.log_sum_sq_probs:
@@ -49,7 +49,7 @@ def forward_rows(
     if ref_logits is None:
         return out
 
-    zr, _ = _transform(ref_logits, softcap, post_scale)
+    zr, _ = transform_logits(ref_logits, softcap, post_scale)
     ref_lse = torch.logsumexp(zr, dim=-1)
     out["ref_lse"] = ref_lse
     out["ref_logp"] = zr.gather(1, target[:, None]).squeeze(1) - ref_lse
@@ -81,8 +81,8 @@ def backward_rows_(
 ) -> None:
     # dL/dz = p * (a + b log p) - g_kl p_ref + g_logp onehot, with
     #   a = -g_logp + g_kl - g_entropy H,  b = -g_entropy      (entropy term: -g p (log p + H))
-    z, t = _transform(logits, softcap, post_scale)
-    a = torch.zeros(logits.shape[0], device=logits.device, dtype=torch.float32)
+    z, t = transform_logits(logits, softcap, post_scale)
+    a = torch.zeros(logits.shape[0], device=logits.device, dtype=z.dtype)
     if g_logp is not None:
         a -= g_logp
     if g_kl is not None:
@@ -97,7 +97,7 @@ def backward_rows_(
         logq.exp_().mul_(a[:, None])
     dz = logq  # from here on, the buffer holds the gradient
     if g_kl is not None:
-        pr, _ = _transform(ref_logits, softcap, post_scale)
+        pr, _ = transform_logits(ref_logits, softcap, post_scale)
         pr.sub_(ref_lse[:, None]).exp_()
         dz.addcmul_(pr, g_kl[:, None], value=-1.0)
         del pr

@@ -2,42 +2,45 @@
 
 The only O(N·V·d) work in fastpref. Valid rows (label != ignore_index) are compacted, then processed in
 row chunks: ``z = h_chunk @ W.T (+ bias)`` on the vendor GEMM and one fused pass of the backend's row
-kernel for the statistics; only O(chunk) fp32 vectors are kept.
+kernel (:class:`fastpref.ops.backend.RowKernels`) for the statistics; only O(chunk) vectors are kept.
 
-Backward, exact in every mode:
+Backward, exact in every mode (:mod:`fastpref.ops.tiles` decides the sizes):
 
 * rows whose logits were kept (``logits_budget``) are turned into dL/dz in place, then ``dz @ W`` and
-  ``dz^T @ h`` run once over all of them: the 3-GEMM floor;
-* the other rows are recomputed in tiles of (row block x vocabulary slice): per slice, the slice of
-  grad_W is one GEMM over all rows, written once, so a bf16 head needs no full-size fp32 grad_W
-  accumulator (only an fp32 ``[slice, d]`` one when the rows need several blocks, and an fp32
-  ``[rows, d]`` one for grad_hidden, which sums over slices);
+  ``dz^T @ h`` run once over all of them: the 3-GEMM floor (:func:`_backward_kept`);
+* the other rows are recomputed in tiles of (row block x vocabulary slice), each grad_W slice written by
+  one GEMM (:func:`_backward_recomputed`);
 * a frozen head (LoRA) with a single differentiable statistic keeps the hidden-space gradient
   (``dz @ W`` with unit upstream gradient, M x d) from the forward instead: 2 GEMMs in all.
+
+The op is registered with ``torch.library`` as ``fastpref::token_stats`` (with a fake implementation
+and its autograd formula), so ``torch.compile(fullgraph=True)`` traces through it without a graph
+break. Vocabulary-parallel heads run the same code through a plain ``autograd.Function`` instead: their
+collectives need a process group, which an op schema cannot carry (so they graph-break under compile).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from types import ModuleType
 from typing import NamedTuple
 
 import torch
 
 from .. import _checks
-from . import dispatch
-from .dispatch import Want
+from . import backend as registry
+from .backend import RowKernels, Want
+from .tiles import backward_tiles, kept_rows, spans
 
-DEFAULT_CHUNK_BYTES = 128 * 2**20  # fp32 bytes of one chunk (or backward tile) of logits on CPU
 _TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 
 
 class TokenStats(NamedTuple):
-    """Per-token fp32 statistics, shaped like ``labels``, zero at ignored positions; None when not asked.
+    """Per-token statistics shaped like ``labels``, zero at ignored positions; None when not asked.
 
-    ``logp``, ``entropy`` and ``kl`` are differentiable (w.r.t. hidden, weight, bias); the reference
-    fields, ``log_sum_sq_probs``, ``mean_logits`` and ``is_top1`` (bool) carry no gradient.
+    fp32 (fp64 for fp64 inputs). ``logp``, ``entropy`` and ``kl`` are differentiable (w.r.t. hidden,
+    weight, bias); the reference fields, ``log_sum_sq_probs``, ``mean_logits`` and ``is_top1`` (bool)
+    carry no gradient.
     """
 
     logp: torch.Tensor
@@ -50,18 +53,21 @@ class TokenStats(NamedTuple):
     is_top1: torch.Tensor | None = None
 
 
-_OUTPUTS = TokenStats._fields
-_DIFFERENTIABLE = ("logp", "entropy", "kl")
+STATS = TokenStats._fields
+# What the forward returns besides the statistics: row log-sum-exps for the backward, the kept logits,
+# and the frozen head's hidden-space gradient. Absent entries are empty tensors (an op returns tensors).
+SAVED = ("lse", "ref_lse", "kept_logits", "kept_ref_logits", "hidden_grad")
+_GRAD_H, _GRAD_W, _GRAD_B = 1, 2, 4  # bits of ``needs_grad``
+_WANT = tuple(f.name for f in dataclasses.fields(Want))  # bit order of the op's ``want`` argument
 
 
-@dataclass
-class _Plan:
-    """Everything the autograd Function needs besides tensors."""
+@dataclass(frozen=True)
+class Settings:
+    """Everything the op needs besides tensors (what the custom op's scalar arguments encode)."""
 
-    rows: ModuleType  # backend row kernels (see fastpref.ops.dispatch)
     want: Want
-    has_ref: bool
     detach_entropy: bool
+    ignore_index: int
     chunk_rows: int
     logits_budget: int
     scale: float  # multiplies (h W^T + b) in the GEMM
@@ -70,6 +76,35 @@ class _Plan:
 
     def kernel_args(self) -> dict:
         return {"softcap": self.softcap, "post_scale": self.post_scale}
+
+    def differentiable(self) -> list[str]:
+        """The statistics that carry gradients."""
+        asked = {"logp": True, "entropy": self.want.entropy and not self.detach_entropy, "kl": self.want.kl}
+        return [k for k, on in asked.items() if on]
+
+    def row_outputs(self, has_ref: bool) -> list[str]:
+        """Keys the backend's ``forward_rows`` returns."""
+        keys = ["lse", "logp"] + [k for k in _WANT if getattr(self.want, k)]
+        return keys + (["ref_lse", "ref_logp"] if has_ref else [])
+
+    def encode(self) -> tuple:
+        """The op's scalar arguments (see ``_SCHEMA``)."""
+        bits = sum(1 << i for i, k in enumerate(_WANT) if getattr(self.want, k))
+        return (self.ignore_index, bits, self.detach_entropy, self.chunk_rows, self.logits_budget, self.scale,
+                self.softcap, self.post_scale)
+
+    @classmethod
+    def decode(cls, ignore_index, want_bits, detach_entropy, chunk_rows, logits_budget, scale, softcap, post_scale):
+        want = Want(**{k: bool(want_bits >> i & 1) for i, k in enumerate(_WANT)})
+        return cls(want, detach_entropy, ignore_index, chunk_rows, logits_budget, scale, softcap, post_scale)
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are fp32, or fp64 for fp64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ---- GEMM helpers ----
 
 
 def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: float, out: torch.Tensor) -> torch.Tensor:
@@ -110,150 +145,13 @@ def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool)
         out.copy_(_mm_fp32(a, b))
 
 
-def _chunks(start: int, stop: int, step: int) -> list[tuple[int, int]]:
-    return [(s, min(s + step, stop)) for s in range(start, stop, step)]
-
-
-def _kept_rows(plan: _Plan, m: int, vocab: int, element_size: int) -> int:
-    """How many leading rows keep their logits (whole chunks, within ``logits_budget``)."""
-    per_row = vocab * element_size * (2 if plan.want.kl else 1)
-    rows = min(m, plan.logits_budget // per_row)
-    return rows if rows == m else rows - rows % plan.chunk_rows
-
-
-class _TokenStatsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, w, b, y, h_ref, w_ref, b_ref, plan: _Plan):
-        ctx.set_materialize_grads(False)
-        m, vocab = h.shape[0], w.shape[0]
-        outs = {
-            k: torch.empty(m, device=h.device, dtype=torch.bool if k == "is_top1" else torch.float32)
-            for k in _row_outputs(plan)
-        }
-        needs_grad = any(ctx.needs_input_grad[:3])
-        diff_stats = _differentiable(plan)
-        # Frozen head (LoRA) with one differentiable stat: keep dz @ W (M x d) instead of any logits.
-        pieces = needs_grad and not any(ctx.needs_input_grad[1:3]) and len(diff_stats) == 1
-        kept = _kept_rows(plan, m, vocab, h.element_size()) if needs_grad and not pieces else 0
-        kept_z = h.new_empty((kept, vocab))
-        kept_zr = h_ref.new_empty((kept, vocab)) if plan.has_ref and plan.want.kl else None
-        work = h.new_empty((min(m - kept, plan.chunk_rows), vocab))
-        work_ref = h_ref.new_empty(work.shape) if plan.has_ref else None
-        grad_pieces = torch.empty_like(h) if pieces else None
-        if kept:  # one GEMM over all kept rows: bigger GEMMs run faster than chunk-sized ones
-            _project(h[:kept], w, b, plan.scale, kept_z)
-            if kept_zr is not None:
-                _project(h_ref[:kept], w_ref, b_ref, plan.scale, kept_zr)
-        for s, e in _chunks(0, kept, plan.chunk_rows) + _chunks(kept, m, plan.chunk_rows):
-            z = kept_z[s:e] if e <= kept else _project(h[s:e], w, b, plan.scale, work[: e - s])
-            zr = None
-            if kept_zr is not None and e <= kept:
-                zr = kept_zr[s:e]
-            elif plan.has_ref:
-                zr = _project(h_ref[s:e], w_ref, b_ref, plan.scale, work_ref[: e - s])
-            stats = plan.rows.forward_rows(z, y[s:e], want=plan.want, ref_logits=zr, **plan.kernel_args())
-            for k, v in stats.items():
-                outs[k][s:e] = v
-            if pieces:  # unit upstream gradient of the one differentiable stat
-                unit = {f"g_{diff_stats[0]}": torch.ones(e - s, device=h.device)}
-                _backward_rows(plan, z, zr, y[s:e], {k: v[s:e] for k, v in outs.items()}, unit)
-                torch.mm(z, w, out=grad_pieces[s:e])
-        ctx.plan, ctx.kept, ctx.pieces = plan, kept, grad_pieces
-        ctx.kept_logits = (kept_z, kept_zr) if kept else None
-        ctx.save_for_backward(h, w, b, y, h_ref, w_ref, b_ref, *(outs.get(k) for k in ("lse", "entropy", "ref_lse")))
-        ctx.mark_non_differentiable(*(outs[k] for k in _OUTPUTS if k in outs and k not in diff_stats))
-        return tuple(outs.get(k) for k in _OUTPUTS)
-
-    @staticmethod
-    def backward(ctx, g_logp, g_entropy, _g_ref_logp, _g_ref_entropy, g_kl, *_rest):
-        plan: _Plan = ctx.plan
-        h, w, b, y, h_ref, w_ref, b_ref, lse, entropy, ref_lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        # The logit scale multiplies every dz row: fold it into the per-row upstream gradients.
-        grads = {f"g_{k}": g.float() * plan.scale for k, g in (("logp", g_logp), ("entropy", g_entropy), ("kl", g_kl))
-                 if g is not None}
-        if not grads:
-            return (None,) * 8
-        if ctx.pieces is not None:
-            (g,) = grads.values()
-            return (ctx.pieces * g[:, None]).to(h.dtype), None, None, None, None, None, None, None
-
-        m, vocab = h.shape[0], w.shape[0]
-        row_stats = {"lse": lse, "entropy": entropy, "ref_lse": ref_lse}
-        # Every element of grad_h / grad_W is written by a GEMM below (no zero-fill), except with no rows.
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = (torch.empty_like(w) if m else torch.zeros_like(w)) if need_w else None
-        grad_b = torch.zeros(vocab, device=w.device, dtype=torch.float32) if need_b else None
-
-        kept = ctx.kept if ctx.kept_logits is not None else 0  # kept logits are consumed by the first backward
-        if kept:
-            kept_z, kept_zr = ctx.kept_logits
-            ctx.kept_logits = None
-            for s, e in _chunks(0, kept, plan.chunk_rows):
-                zr = kept_zr[s:e] if kept_zr is not None else None
-                _backward_rows(plan, kept_z[s:e], zr, y[s:e], _rows(row_stats, s, e), _rows(grads, s, e))
-            if need_h:
-                torch.mm(kept_z, w, out=grad_h[:kept])
-            if need_w:
-                torch.mm(kept_z.t(), h[:kept], out=grad_w)
-            if need_b:
-                grad_b += kept_z.sum(0, dtype=torch.float32)
-            del kept_z, kept_zr
-
-        rest = m - kept
-        if rest:
-            # Tiles of about one chunk: a vocabulary slice over as many rows as fit (all, when they do).
-            # Low-precision heads accumulate in fp32 only what sums over several GEMMs.
-            tile = plan.chunk_rows * vocab
-            width = min(vocab, max(tile // rest, 512))
-            block = min(rest, max(1, tile // width))
-            low_precision = h.dtype != torch.float32
-            separate_h = low_precision and width < vocab
-            separate_w = low_precision and (block < rest or kept > 0)
-            if need_h:
-                acc_h = torch.empty(rest, h.shape[1], device=h.device) if separate_h else grad_h[kept:]
-            buf = h.new_empty((block, width))
-            buf_ref = h_ref.new_empty((block, width)) if "g_kl" in grads else None
-            for v0, v1 in _chunks(0, vocab, width):
-                w_slice = w[v0:v1]
-                if need_w:
-                    acc_w = grad_w[v0:v1]
-                    if separate_w:
-                        acc_w = acc_w.float() if kept else torch.empty(acc_w.shape, device=w.device)
-                for i, (s, e) in enumerate(_chunks(kept, m, block)):
-                    bias = None if b is None else b[v0:v1]
-                    z = _project(h[s:e], w_slice, bias, plan.scale, buf[: e - s, : v1 - v0])
-                    zr = None
-                    if buf_ref is not None:
-                        ref_bias = None if b_ref is None else b_ref[v0:v1]
-                        zr = _project(h_ref[s:e], w_ref[v0:v1], ref_bias, plan.scale, buf_ref[: e - s, : v1 - v0])
-                    # targets outside this slice get no one-hot term (backend contract)
-                    _backward_rows(plan, z, zr, y[s:e] - v0, _rows(row_stats, s, e), _rows(grads, s, e))
-                    if need_h:
-                        _gemm(acc_h[s - kept : e - kept], z, w_slice, accumulate=v0 > 0)
-                    if need_w:
-                        _gemm(acc_w, z.t(), h[s:e], accumulate=kept > 0 or i > 0)
-                    if need_b:
-                        grad_b[v0:v1] += z.sum(0, dtype=torch.float32)
-                if need_w and separate_w:
-                    grad_w[v0:v1] = acc_w
-            if need_h and separate_h:
-                grad_h[kept:] = acc_h
-        return (
-            grad_h,
-            grad_w,
-            grad_b.to(b.dtype) if need_b else None,
-            None, None, None, None, None,
-        )
-
-
 def _rows(tensors: dict, s: int, e: int) -> dict:
     return {k: (None if v is None else v[s:e]) for k, v in tensors.items()}
 
 
-def _backward_rows(plan: _Plan, z, zr, target, stats: dict, grads: dict) -> None:
+def _backward_rows(rows: RowKernels, settings: Settings, z, zr, target, stats: dict, grads: dict) -> None:
     """dL/dz of one tile in place, for per-row upstream gradients ``grads`` (``g_logp``, ...)."""
-    plan.rows.backward_rows_(
+    rows.backward_rows_(
         z, target, stats["lse"],
         g_logp=grads.get("g_logp"),
         g_entropy=grads.get("g_entropy"),
@@ -261,39 +159,378 @@ def _backward_rows(plan: _Plan, z, zr, target, stats: dict, grads: dict) -> None
         g_kl=grads.get("g_kl"),
         ref_logits=zr if "g_kl" in grads else None,
         ref_lse=stats.get("ref_lse") if "g_kl" in grads else None,
-        **plan.kernel_args(),
+        **settings.kernel_args(),
     )
 
 
-def _differentiable(plan: _Plan) -> list[str]:
-    """The outputs that carry gradients for this plan."""
-    asked = {"logp": True, "entropy": plan.want.entropy and not plan.detach_entropy, "kl": plan.want.kl}
-    return [k for k in _DIFFERENTIABLE if asked[k]]
+# ---- the computation on compacted rows ----
 
 
-def _row_outputs(plan: _Plan) -> list[str]:
-    """Keys the backend's ``forward_rows`` returns for this plan."""
-    keys = ["lse", "logp"] + [f.name for f in dataclasses.fields(plan.want) if getattr(plan.want, f.name)]
-    return keys + (["ref_lse", "ref_logp"] if plan.has_ref else [])
+@dataclass
+class _Compacted:
+    """The valid rows of one call: ``index`` into the flattened positions, their hidden states and targets."""
+
+    index: torch.Tensor
+    h: torch.Tensor
+    y: torch.Tensor
+    h_ref: torch.Tensor | None
+
+    @classmethod
+    def of(cls, hidden, labels, ref_hidden, ignore_index: int, vocab_size: int) -> _Compacted:
+        flat = labels.reshape(-1)
+        valid = flat != ignore_index
+        bad = valid & ((flat < 0) | (flat >= vocab_size))
+        num_valid, has_bad = torch.stack([valid.sum(), bad.any()]).tolist()  # the one host sync before the GEMMs
+        if has_bad:
+            _checks.fail("labels", f"has values outside [0, {vocab_size}) that are not ignore_index={ignore_index}: "
+                                   f"{flat[bad][:5].tolist()}")
+        index = torch.nonzero_static(valid, size=num_valid).squeeze(1)
+        d = hidden.shape[-1]
+        h_ref = None if ref_hidden is None else ref_hidden.reshape(-1, d).index_select(0, index)
+        return cls(index, hidden.reshape(-1, d).index_select(0, index), flat.index_select(0, index).long(), h_ref)
+
+    def scatter(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Compact rows ``x`` back to the positions of ``like`` (zeros elsewhere)."""
+        full = x.new_zeros((like.numel(),) + x.shape[1:]).index_copy(0, self.index, x)
+        return full.view(like.shape + x.shape[1:])
 
 
-def default_chunk_rows(vocab: int, device: torch.device | str = "cpu", element_size: int = 4,
-                       chunk_bytes: int | None = None) -> int:
-    """Rows per chunk: ``chunk_bytes`` of fp32 logits on CPU (default 128 MiB, the C++ backend asks
-    for 256 MiB: it has no chunk-sized temporaries); 512 MiB in the input dtype on CUDA.
+def _forward(rows: RowKernels, settings: Settings, c: _Compacted, w, b, w_ref, b_ref, needs_grad: int) -> dict:
+    """Statistics of the compacted rows, and what the backward needs (see ``SAVED``)."""
+    h, y, h_ref = c.h, c.y, c.h_ref
+    m, vocab = h.shape[0], w.shape[0]
+    has_ref = h_ref is not None
+    dtype = stat_dtype(h.dtype)
+    outs = {k: torch.empty(m, device=h.device, dtype=torch.bool if k == "is_top1" else dtype)
+            for k in settings.row_outputs(has_ref)}
+    diff = settings.differentiable()
+    # Frozen head (LoRA) with one differentiable stat: keep dz @ W (M x d) instead of any logits.
+    frozen = needs_grad == _GRAD_H and len(diff) == 1
+    kept = 0
+    if needs_grad and not frozen:
+        kept = kept_rows(m, vocab, h.element_size(), settings.logits_budget, settings.chunk_rows,
+                         ref_logits=has_ref and settings.want.kl)
+    kept_z = h.new_empty((kept, vocab))
+    kept_zr = h_ref.new_empty((kept, vocab)) if has_ref and settings.want.kl else h.new_empty((0, vocab))
+    work = h.new_empty((min(m - kept, settings.chunk_rows), vocab))
+    work_ref = h_ref.new_empty(work.shape) if has_ref else None
+    hidden_grad = torch.empty_like(h) if frozen else None
+    if kept:  # one GEMM over all kept rows: bigger GEMMs run faster than chunk-sized ones
+        _project(h[:kept], w, b, settings.scale, kept_z)
+        if kept_zr.numel():
+            _project(h_ref[:kept], w_ref, b_ref, settings.scale, kept_zr)
+    for s, e in spans(0, kept, settings.chunk_rows) + spans(kept, m, settings.chunk_rows):
+        z = kept_z[s:e] if e <= kept else _project(h[s:e], w, b, settings.scale, work[: e - s])
+        zr = None
+        if e <= kept and kept_zr.numel():
+            zr = kept_zr[s:e]
+        elif has_ref:
+            zr = _project(h_ref[s:e], w_ref, b_ref, settings.scale, work_ref[: e - s])
+        stats = rows.forward_rows(z, y[s:e], want=settings.want, ref_logits=zr, **settings.kernel_args())
+        for k, v in stats.items():
+            outs[k][s:e] = v
+        if frozen:  # unit upstream gradient of the one differentiable stat
+            unit = {f"g_{diff[0]}": torch.ones(e - s, device=h.device, dtype=dtype)}
+            _backward_rows(rows, settings, z, zr, y[s:e], _rows(outs, s, e), unit)
+            torch.mm(z, w, out=hidden_grad[s:e])
+    _check_finite(outs, c, w, b, w_ref, b_ref)
+    outs.update(kept_logits=kept_z, kept_ref_logits=kept_zr, hidden_grad=hidden_grad)
+    return outs
 
-    GPUs need a few thousand rows per chunk so that each GEMM reuses every byte of ``W`` it reads
-    (at V=128k in bf16: ~2048 rows); on CPU a chunk of 256-512 rows already runs MKL near its peak.
+
+def _check_finite(outs: dict, c: _Compacted, w, b, w_ref, b_ref) -> None:
+    """A NaN or Inf in any input the rows used makes their log-sum-exp non-finite: one small check
+    (rows at ignored positions are never read, so they cannot raise). On failure, name the input."""
+    lse = [outs["lse"]] + ([outs["ref_lse"]] if "ref_lse" in outs else [])
+    if not lse[0].numel() or torch.isfinite(torch.cat(lse)).all():
+        return
+    named = {"hidden": c.h, "weight": w, "bias": b, "ref_hidden": c.h_ref, "ref_weight": w_ref, "ref_bias": b_ref}
+    for name in _checks.non_finite(named):
+        _checks.fail(name, "contains NaN or Inf (at a position whose label is not ignore_index)"
+                     if name.endswith("hidden") else "contains NaN or Inf")
+    _checks.fail("hidden", "gives non-finite logits (h @ weight.T overflows the input dtype)")
+
+
+def _backward_kept(rows, settings, c: _Compacted, w, kept_z, kept_zr, stats, grads, grad_h, grad_w, grad_b) -> None:
+    """The kept rows: dz in place of their logits, then one GEMM per gradient over all of them."""
+    kept = kept_z.shape[0]
+    for s, e in spans(0, kept, settings.chunk_rows):
+        zr = kept_zr[s:e] if kept_zr.numel() else None
+        _backward_rows(rows, settings, kept_z[s:e], zr, c.y[s:e], _rows(stats, s, e), _rows(grads, s, e))
+    if grad_h is not None:
+        torch.mm(kept_z, w, out=grad_h[:kept])
+    if grad_w is not None:
+        torch.mm(kept_z.t(), c.h[:kept], out=grad_w)
+    if grad_b is not None:
+        grad_b += kept_z.sum(0, dtype=grad_b.dtype)
+
+
+def _backward_recomputed(rows, settings, c: _Compacted, w, b, w_ref, b_ref, kept: int, stats, grads,
+                         grad_h, grad_w, grad_b) -> None:
+    """Rows ``[kept, M)``: logits recomputed in tiles of (row block x vocabulary slice)."""
+    h, y, h_ref = c.h, c.y, c.h_ref
+    m, vocab = h.shape[0], w.shape[0]
+    tiles = backward_tiles(m, vocab, settings.chunk_rows, h.dtype, kept)
+    if grad_h is not None:
+        acc_h = torch.empty(m - kept, h.shape[1], device=h.device) if tiles.fp32_grad_hidden else grad_h[kept:]
+    buf = h.new_empty((tiles.block, tiles.width))
+    buf_ref = h_ref.new_empty((tiles.block, tiles.width)) if "g_kl" in grads else None
+    for v0, v1 in spans(0, vocab, tiles.width):
+        w_slice = w[v0:v1]
+        if grad_w is not None:
+            acc_w = grad_w[v0:v1]
+            if tiles.fp32_grad_weight:  # starts from the kept rows' part, when there is one
+                acc_w = acc_w.float() if kept else torch.empty(acc_w.shape, device=w.device)
+        for i, (s, e) in enumerate(spans(kept, m, tiles.block)):
+            bias = None if b is None else b[v0:v1]
+            z = _project(h[s:e], w_slice, bias, settings.scale, buf[: e - s, : v1 - v0])
+            zr = None
+            if buf_ref is not None:
+                ref_bias = None if b_ref is None else b_ref[v0:v1]
+                zr = _project(h_ref[s:e], w_ref[v0:v1], ref_bias, settings.scale, buf_ref[: e - s, : v1 - v0])
+            # targets outside this slice get no one-hot term (backend contract)
+            _backward_rows(rows, settings, z, zr, y[s:e] - v0, _rows(stats, s, e), _rows(grads, s, e))
+            if grad_h is not None:
+                _gemm(acc_h[s - kept: e - kept], z, w_slice, accumulate=v0 > 0)
+            if grad_w is not None:
+                _gemm(acc_w, z.t(), h[s:e], accumulate=kept > 0 or i > 0)
+            if grad_b is not None:
+                grad_b[v0:v1] += z.sum(0, dtype=grad_b.dtype)
+        if grad_w is not None and tiles.fp32_grad_weight:
+            grad_w[v0:v1] = acc_w
+    if grad_h is not None and tiles.fp32_grad_hidden:
+        grad_h[kept:] = acc_h
+
+
+def _backward(rows, settings, c: _Compacted, w, b, w_ref, b_ref, stats: dict, grads: dict, kept, needs_grad: int):
+    """``(grad_h [M, d], grad_w, grad_b)`` of the compacted rows (None where not needed).
+
+    ``grads``: per-row upstream gradients ``g_logp`` / ``g_entropy`` / ``g_kl`` (already scaled);
+    ``kept``: the forward's kept logits ``(kept_z, kept_zr)``, or None to recompute every row.
     """
-    if torch.device(device).type == "cuda":
-        rows = (512 * 2**20) // (element_size * vocab)
-    else:
-        rows = (chunk_bytes or DEFAULT_CHUNK_BYTES) // (4 * vocab)
-    rows = max(1, rows)
-    return rows - rows % 16 if rows >= 64 else rows
+    m, vocab = c.h.shape[0], w.shape[0]
+    # Every element of grad_h / grad_W is written by a GEMM below (no zero-fill), except with no rows.
+    grad_h = torch.empty_like(c.h) if needs_grad & _GRAD_H else None
+    grad_w = (torch.empty_like(w) if m else torch.zeros_like(w)) if needs_grad & _GRAD_W else None
+    grad_b = torch.zeros(vocab, device=w.device, dtype=stat_dtype(w.dtype)) if needs_grad & _GRAD_B else None
+    num_kept = 0
+    if kept is not None and kept[0].shape[0]:
+        num_kept = kept[0].shape[0]
+        _backward_kept(rows, settings, c, w, kept[0], kept[1], stats, grads, grad_h, grad_w, grad_b)
+    if num_kept < m:
+        _backward_recomputed(rows, settings, c, w, b, w_ref, b_ref, num_kept, stats, grads, grad_h, grad_w, grad_b)
+    return grad_h, grad_w, None if grad_b is None else grad_b.to(b.dtype)
 
 
-@torch._disable_dynamo  # = torch.compiler.disable, but imports dynamo on first call rather than at import
+# ---- full-shaped entry points shared by the custom op and the autograd.Function ----
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+def forward_full(rows, settings, vocab_size, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
+                 needs_grad: int) -> tuple[torch.Tensor, ...]:
+    """The statistics (``STATS`` order, shaped like ``labels``) followed by ``SAVED`` (empty when absent)."""
+    c = _Compacted.of(hidden, labels, ref_hidden, settings.ignore_index, vocab_size)
+    outs = _forward(rows, settings, c, weight, bias, ref_weight, ref_bias, needs_grad)
+    stats = tuple(c.scatter(outs[k], labels) if k in outs else _empty(hidden) for k in STATS)
+    lse = c.scatter(outs["lse"], labels)
+    ref_lse = c.scatter(outs["ref_lse"], labels) if "ref_lse" in outs else _empty(hidden)
+    hidden_grad = outs["hidden_grad"]
+    hidden_grad = _empty(hidden) if hidden_grad is None else c.scatter(hidden_grad, labels)
+    return stats + (lse, ref_lse, outs["kept_logits"], outs["kept_ref_logits"], hidden_grad)
+
+
+def backward_full(rows, settings, vocab_size, grads: dict, hidden, weight, bias, labels, ref_hidden, ref_weight,
+                  ref_bias, lse, entropy, ref_lse, kept, needs_grad: int):
+    """Full-shaped gradients ``(grad_hidden, grad_weight, grad_bias)`` for full-shaped upstream ``grads``."""
+    c = _Compacted.of(hidden, labels, ref_hidden if "g_kl" in grads else None, settings.ignore_index, vocab_size)
+    scale = settings.scale  # the logit scale multiplies every dz row: fold it into the upstream gradients
+    compact = {k: (g.reshape(-1).index_select(0, c.index) * scale).to(stat_dtype(hidden.dtype))
+               for k, g in grads.items()}
+    stats = {"lse": lse.reshape(-1).index_select(0, c.index)}
+    if "g_entropy" in compact:
+        stats["entropy"] = entropy.reshape(-1).index_select(0, c.index)
+    if "g_kl" in compact:
+        stats["ref_lse"] = ref_lse.reshape(-1).index_select(0, c.index)
+    grad_h, grad_w, grad_b = _backward(rows, settings, c, weight, bias, ref_weight, ref_bias, stats, compact, kept,
+                                       needs_grad)
+    return None if grad_h is None else c.scatter(grad_h, labels), grad_w, grad_b
+
+
+# ---- the custom op ----
+
+_LIB = torch.library.Library("fastpref", "DEF")
+_SETTINGS_SCHEMA = ("int ignore_index, int want, bool detach_entropy, int chunk_rows, int logits_budget, "
+                    "float scale, float softcap, float post_scale")
+_LIB.define(
+    "token_stats(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? ref_hidden, Tensor? ref_weight, "
+    f"Tensor? ref_bias, {_SETTINGS_SCHEMA}, int needs_grad, str backend) -> ({', '.join(['Tensor'] * 13)})"
+)
+_LIB.define(
+    "token_stats_backward(Tensor? g_logp, Tensor? g_entropy, Tensor? g_kl, Tensor hidden, Tensor weight, "
+    "Tensor? bias, Tensor labels, Tensor? ref_hidden, Tensor? ref_weight, Tensor? ref_bias, Tensor lse, "
+    "Tensor entropy, Tensor ref_lse, Tensor(a!) kept_logits, Tensor(b!) kept_ref_logits, bool use_kept, "
+    f"{_SETTINGS_SCHEMA}, int needs_grad, str backend) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _op_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, *settings_and_more):
+    *encoded, needs_grad, backend = settings_and_more
+    settings = Settings.decode(*encoded)
+    with torch.autocast(hidden.device.type, enabled=False):  # the op runs at the dtypes it was given
+        return forward_full(registry.kernels(backend), settings, weight.shape[0], hidden, weight, bias, labels,
+                            ref_hidden, ref_weight, ref_bias, needs_grad)
+
+
+def _op_backward(g_logp, g_entropy, g_kl, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, lse,
+                 entropy, ref_lse, kept_logits, kept_ref_logits, use_kept, *settings_and_more):
+    *encoded, needs_grad, backend = settings_and_more
+    settings = Settings.decode(*encoded)
+    grads = {k: g for k, g in (("g_logp", g_logp), ("g_entropy", g_entropy), ("g_kl", g_kl)) if g is not None}
+    kept = (kept_logits, kept_ref_logits) if use_kept else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = backward_full(registry.kernels(backend), settings, weight.shape[0], grads, hidden, weight, bias,
+                            labels, ref_hidden, ref_weight, ref_bias, lse, entropy, ref_lse, kept, needs_grad)
+    return tuple(_empty(hidden) if g is None else g for g in out)
+
+
+_LIB.impl("token_stats", _op_forward, "CompositeExplicitAutograd")
+_LIB.impl("token_stats_backward", _op_backward, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastpref::token_stats", lib=_LIB)
+def _fake_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, *settings_and_more):
+    *encoded, needs_grad, _backend = settings_and_more
+    settings = Settings.decode(*encoded)
+    has_ref = ref_hidden is not None
+    dtype = stat_dtype(hidden.dtype)
+    asked = {"logp": True, "entropy": settings.want.entropy, "ref_logp": has_ref,
+             "ref_entropy": has_ref and settings.want.ref_entropy, "kl": has_ref and settings.want.kl,
+             "log_sum_sq_probs": settings.want.log_sum_sq_probs, "mean_logits": settings.want.mean_logits,
+             "is_top1": settings.want.is_top1}
+    stats = tuple(labels.new_empty(labels.shape, dtype=torch.bool if k == "is_top1" else dtype) if asked[k]
+                  else hidden.new_empty(0) for k in STATS)
+    vocab = weight.shape[0]
+    frozen = needs_grad == _GRAD_H and len(settings.differentiable()) == 1
+    may_keep = needs_grad and not frozen and settings.logits_budget > 0
+    kept = torch.library.get_ctx().new_dynamic_size() if may_keep else 0
+    kept_ref = kept if has_ref and settings.want.kl else 0
+    return stats + (
+        labels.new_empty(labels.shape, dtype=dtype),
+        labels.new_empty(labels.shape, dtype=dtype) if has_ref else hidden.new_empty(0),
+        hidden.new_empty((kept, vocab)),
+        hidden.new_empty((kept_ref, vocab)),
+        hidden.new_empty(hidden.shape) if frozen else hidden.new_empty(0),
+    )
+
+
+@torch.library.register_fake("fastpref::token_stats_backward", lib=_LIB)
+def _fake_backward(g_logp, g_entropy, g_kl, hidden, weight, bias, labels, *rest):
+    needs_grad = rest[-2]
+    return (
+        hidden.new_empty(hidden.shape) if needs_grad & _GRAD_H else hidden.new_empty(0),
+        weight.new_empty(weight.shape) if needs_grad & _GRAD_W else weight.new_empty(0),
+        bias.new_empty(bias.shape) if bias is not None and needs_grad & _GRAD_B else weight.new_empty(0),
+    )
+
+
+def _saved_for_backward(ctx, inputs: tuple, out: tuple, settings: Settings) -> list[torch.Tensor]:
+    """What both autograd paths keep: the inputs, the row statistics, and the kept logits (as an attribute:
+    the first backward overwrites them with dz and releases them, a second backward recomputes).
+    Returns the statistics that carry no gradient."""
+    stats, saved = dict(zip(STATS, out)), dict(zip(SAVED, out[len(STATS):]))
+    ctx.save_for_backward(*inputs, saved["lse"], stats["entropy"], saved["ref_lse"], saved["hidden_grad"])
+    ctx.kept, ctx.kept_unused = [saved["kept_logits"], saved["kept_ref_logits"]], True
+    return [v for k, v in stats.items() if k not in settings.differentiable()]
+
+
+def _upstream(ctx, g_logp, g_entropy, g_kl) -> dict:
+    """The upstream gradients of the differentiable statistics that received one."""
+    grads = {"g_logp": g_logp, "g_entropy": g_entropy, "g_kl": g_kl}
+    return {f"g_{k}": grads[f"g_{k}"] for k in ctx.settings.differentiable() if grads[f"g_{k}"] is not None}
+
+
+def _frozen_head_grad(ctx, grads: dict, hidden: torch.Tensor, hidden_grad: torch.Tensor) -> torch.Tensor:
+    """The frozen head's hidden-space gradient: the forward's ``dz @ W`` for a unit upstream gradient."""
+    (g,) = grads.values()
+    return (hidden_grad * (g * ctx.settings.scale).to(hidden_grad.dtype)[..., None]).to(hidden.dtype)
+
+
+def _take_kept(ctx) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The kept logits and whether this backward may use them (only the first may: it overwrites them)."""
+    kept_logits, kept_ref_logits = ctx.kept
+    use = ctx.kept_unused
+    ctx.kept_unused = False
+    ctx.kept = [kept_logits.new_empty((0, kept_logits.shape[1])), kept_ref_logits.new_empty((0, kept_ref_logits.shape[1]))]
+    return kept_logits, kept_ref_logits, use
+
+
+def _setup_context(ctx, inputs, output):
+    *encoded, needs_grad, backend = inputs[7:]
+    ctx.set_materialize_grads(False)
+    ctx.settings, ctx.encoded, ctx.needs_grad, ctx.backend = Settings.decode(*encoded), encoded, needs_grad, backend
+    constant = _saved_for_backward(ctx, tuple(inputs[:7]), output, ctx.settings)
+    ctx.mark_non_differentiable(*constant, *output[len(STATS):])
+
+
+def _op_autograd(ctx, g_logp, g_entropy, _g_ref_logp, _g_ref_entropy, g_kl, *_rest):
+    (hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, lse, entropy, ref_lse,
+     hidden_grad) = ctx.saved_tensors
+    grads = _upstream(ctx, g_logp, g_entropy, g_kl)
+    no_settings = (None,) * 14  # ref tensors, labels and the scalar arguments get no gradient
+    if not grads:
+        return (None, None, None) + no_settings
+    if hidden_grad.numel():
+        return (_frozen_head_grad(ctx, grads, hidden, hidden_grad), None, None) + no_settings
+    kept_logits, kept_ref_logits, use_kept = _take_kept(ctx)
+    grad_h, grad_w, grad_b = torch.ops.fastpref.token_stats_backward(
+        grads.get("g_logp"), grads.get("g_entropy"), grads.get("g_kl"), hidden, weight, bias, labels, ref_hidden,
+        ref_weight, ref_bias, lse, entropy, ref_lse, kept_logits, kept_ref_logits, use_kept, *ctx.encoded,
+        ctx.needs_grad, ctx.backend,
+    )
+    n = ctx.needs_grad
+    return (grad_h if n & _GRAD_H else None, grad_w if n & _GRAD_W else None,
+            grad_b if n & _GRAD_B else None) + no_settings
+
+
+torch.library.register_autograd("fastpref::token_stats", _op_autograd, setup_context=_setup_context, lib=_LIB)
+
+
+class _ShardedTokenStats(torch.autograd.Function):
+    """The same forward and backward with row kernels that are objects (a vocabulary-parallel shard)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, rows, settings, vocab_size):
+        ctx.set_materialize_grads(False)
+        needs_grad = sum(bit for bit, need in zip((_GRAD_H, _GRAD_W, _GRAD_B), ctx.needs_input_grad[:3]) if need)
+        tensors = (hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias)
+        out = forward_full(rows, settings, vocab_size, *tensors, needs_grad)
+        ctx.rows, ctx.settings, ctx.vocab_size, ctx.needs_grad = rows, settings, vocab_size, needs_grad
+        ctx.mark_non_differentiable(*_saved_for_backward(ctx, tensors, out, settings))
+        return out[: len(STATS)]
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy, _g_ref_logp, _g_ref_entropy, g_kl, *_rest):
+        (hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, lse, entropy, ref_lse,
+         hidden_grad) = ctx.saved_tensors
+        grads = _upstream(ctx, g_logp, g_entropy, g_kl)
+        no_settings = (None,) * 7
+        if not grads:
+            return (None, None, None) + no_settings
+        if hidden_grad.numel():
+            return (_frozen_head_grad(ctx, grads, hidden, hidden_grad), None, None) + no_settings
+        kept_logits, kept_ref_logits, use_kept = _take_kept(ctx)
+        out = backward_full(ctx.rows, ctx.settings, ctx.vocab_size, grads, hidden, weight, bias, labels, ref_hidden,
+                            ref_weight, ref_bias, lse, entropy, ref_lse,
+                            (kept_logits, kept_ref_logits) if use_kept else None, ctx.needs_grad)
+        return out + no_settings
+
+
+# ---- the public function ----
+
+
 def token_stats(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -317,6 +554,7 @@ def token_stats(
     softcap: float | None = None,
     temperature: float = 1.0,
     backend: str | None = None,
+    vocab_parallel=None,
 ) -> TokenStats:
     r"""Per-token log-probs (and entropies, reference stats, KL) of ``softmax(hidden @ weight.T + bias)``.
 
@@ -325,7 +563,7 @@ def token_stats(
 
     Args:
         hidden: ``[..., d]`` final hidden states, aligned with ``labels`` (position t predicts
-            ``labels[t]``; see :func:`fastpref.shift_labels`). fp32, bf16 or fp16.
+            ``labels[t]``; see :func:`fastpref.shift_labels`). fp32, bf16, fp16 or fp64.
         weight: ``[V, d]`` LM-head weight, same dtype and device as ``hidden``.
         labels: ``[...]`` integer targets in ``[0, V)`` or ``ignore_index``.
         bias: optional ``[V]`` LM-head bias.
@@ -339,71 +577,70 @@ def token_stats(
         log_sum_sq_probs, mean_logits, is_top1: no-grad extras (WPO weights and TRL's metrics).
         logits_budget: bytes of chunk logits the backward may keep instead of recomputing them
             (0 = always recompute: 4 GEMMs; enough for all chunks: 3 GEMMs).
-        chunk_size: rows per chunk (default: :func:`default_chunk_rows`: 256 MiB of fp32 logits with the
-            C++ backend, 128 MiB with the PyTorch one, ~512 MiB in the input dtype on CUDA); the
-            backward tiles hold about as many logits.
+        chunk_size: rows per chunk (default: the backend's policy, :class:`fastpref.ops.backend.Backend`:
+            256 MiB of fp32 logits with the C++ backend, 128 MiB with the PyTorch one, 512 MiB in the
+            input dtype with Triton); the backward tiles hold about as many logits.
         logit_scale, softcap, temperature: the softmax sees
             ``softcap * tanh(logit_scale * (h W^T + b) / softcap) / temperature`` (no tanh when
             ``softcap`` is None), the conventions of Gemma-style heads and TRL's fused head.
-        backend: ``"torch"``, ``"triton"`` or ``"cpp"`` row kernels (default: by device, or the
-            ``FASTPREF_BACKEND`` environment variable).
+        backend: ``"torch"``, ``"triton"``, ``"cpp"`` or another registered name (default: by device,
+            or the ``FASTPREF_BACKEND`` environment variable; see :func:`fastpref.backends`).
+        vocab_parallel: a :class:`fastpref.ops.vocab_parallel.VocabParallel` when ``weight`` is this
+            rank's shard of a vocabulary-parallel head (labels are then global token ids).
 
-    Returns:
-        :class:`TokenStats` with fp32 tensors shaped like ``labels``, zero at ignored positions.
-
-    The only host synchronisation is one read of the valid-token count (with the input checks).
+    Under ``torch.autocast`` the head runs in the autocast dtype, as ``F.linear`` would; the statistics
+    are computed in fp32 either way. Returns :class:`TokenStats` shaped like ``labels``, zero at
+    ignored positions. Host synchronisations: one read of the valid-token count (with the label check)
+    and one finiteness check of the rows' log-sum-exps (a NaN or Inf in any input the valid rows use
+    is a ``ValueError`` naming it).
     """
-    ref_weight = weight if ref_hidden is not None and ref_weight is None else ref_weight
-    _, rows = dispatch.resolve(hidden.device, backend)
-    num_valid, valid = _checks.check_token_inputs(
+    for name, x in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        _checks.tensor(name, x)
+    device = hidden.device
+    if torch.is_autocast_enabled(device.type):  # as F.linear under autocast: the head runs in its dtype
+        dtype = torch.get_autocast_dtype(device.type)
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias = (
+            None if x is None else x.to(dtype) for x in (hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
+    if ref_hidden is not None and ref_weight is None:
+        ref_weight = weight
+    full_vocab = _checks.check_token_inputs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, ref_hidden=ref_hidden,
-        ref_weight=ref_weight, ref_bias=ref_bias, kl=kl, ref_entropy=ref_entropy,
-        logits_budget=logits_budget, chunk_size=chunk_size, softcap=softcap, temperature=temperature,
-        # a vocabulary-parallel backend holds one shard of the head: labels span its full vocabulary
-        vocab_size=getattr(rows, "vocab_size", None),
+        ref_weight=ref_weight, ref_bias=ref_bias, kl=kl, ref_entropy=ref_entropy, logits_budget=logits_budget,
+        chunk_size=chunk_size, logit_scale=logit_scale, softcap=softcap, temperature=temperature,
+        vocab_size=None if vocab_parallel is None else vocab_parallel.vocab_size,
+        flags=dict(entropy=entropy, kl=kl, ref_entropy=ref_entropy, detach_entropy=detach_entropy,
+                   log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits, is_top1=is_top1),
     )
-    d, vocab = hidden.shape[-1], weight.shape[0]
-    want = Want(entropy, log_sum_sq_probs, mean_logits, is_top1, ref_entropy, kl)
+    chosen = registry.resolve(device, backend if vocab_parallel is None else backend or vocab_parallel.backend,
+                              hidden.dtype)
     if softcap:
         scale, post_scale = float(logit_scale), 1.0 / temperature
     else:
         scale, post_scale = float(logit_scale) / temperature, 1.0
-    plan = _Plan(
-        rows=rows,
-        want=want,
-        has_ref=ref_hidden is not None,
-        detach_entropy=bool(detach_entropy),
+    settings = Settings(
+        want=Want(bool(entropy), bool(log_sum_sq_probs), bool(mean_logits), bool(is_top1), bool(ref_entropy), bool(kl)),
+        detach_entropy=bool(detach_entropy), ignore_index=int(ignore_index),
         # From the full vocabulary: the ranks of a vocabulary-parallel head must agree on the chunks.
-        chunk_rows=chunk_size or default_chunk_rows(getattr(rows, "vocab_size", None) or vocab, hidden.device,
-                                                    hidden.element_size(), getattr(rows, "CHUNK_BYTES", None)),
-        logits_budget=int(logits_budget),
-        scale=scale,
-        softcap=float(softcap or 0.0),
-        post_scale=post_scale,
+        chunk_rows=chunk_size or chosen.chunk_rows(full_vocab, hidden.element_size()),
+        logits_budget=int(logits_budget), scale=scale, softcap=float(softcap or 0.0), post_scale=post_scale,
     )
-    flat_valid = valid.reshape(-1)
-    index = torch.nonzero_static(flat_valid, size=num_valid).squeeze(1)
-    h = hidden.reshape(-1, d).index_select(0, index)
-    y = labels.reshape(-1).index_select(0, index).long()
     if ref_hidden is not None:
-        h_ref = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1]).index_select(0, index)
-        w_ref, b_ref = ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
+        ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+        ref_bias = None if ref_bias is None else ref_bias.detach()
+    if vocab_parallel is None:
+        grad = torch.is_grad_enabled()
+        needs_grad = sum(bit for bit, x in ((_GRAD_H, hidden), (_GRAD_W, weight), (_GRAD_B, bias))
+                         if grad and x is not None and x.requires_grad)
+        out = torch.ops.fastpref.token_stats(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias,
+                                             *settings.encode(), needs_grad, chosen.name)
     else:
-        h_ref = w_ref = b_ref = None
-    outs = _TokenStatsFunction.apply(h, weight, bias, y, h_ref, w_ref, b_ref, plan)
-
-    def scatter(x: torch.Tensor | None) -> torch.Tensor | None:
-        if x is None:
-            return None
-        full = x.new_zeros(flat_valid.shape[0]).index_copy(0, index, x)
-        return full.view(labels.shape)
-
-    stats = dict(zip(_OUTPUTS, outs))
-    asked = {
-        "logp": True, "entropy": entropy, "ref_logp": ref_hidden is not None, "ref_entropy": ref_entropy,
-        "kl": kl, "log_sum_sq_probs": log_sum_sq_probs, "mean_logits": mean_logits, "is_top1": is_top1,
-    }
-    return TokenStats(**{k: scatter(stats[k]) if asked[k] else None for k in _OUTPUTS})
+        vocab_parallel.check_shard(weight)
+        rows = vocab_parallel.kernels(registry.kernels(chosen.name))
+        out = _ShardedTokenStats.apply(vocab_parallel.hidden(hidden), weight, bias, labels, ref_hidden, ref_weight,
+                                       ref_bias, rows, settings, full_vocab)
+    asked = {"logp": True, "entropy": entropy, "ref_logp": ref_hidden is not None, "ref_entropy": ref_entropy,
+             "kl": kl, "log_sum_sq_probs": log_sum_sq_probs, "mean_logits": mean_logits, "is_top1": is_top1}
+    return TokenStats(**{k: v if asked[k] else None for k, v in zip(STATS, out)})
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -411,4 +648,4 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
-__all__ = ["TokenStats", "token_stats", "shift_labels", "default_chunk_rows"]
+__all__ = ["Settings", "TokenStats", "backward_full", "forward_full", "shift_labels", "stat_dtype", "token_stats"]

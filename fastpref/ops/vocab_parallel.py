@@ -2,9 +2,10 @@
 
 Megatron-style tensor parallelism splits the head ``W [V, d]`` by vocabulary rows; every rank of the
 group sees the same tokens (hidden states and labels) and only ``V / world`` logits per token. The
-token-statistics op runs unchanged on the local shard: :class:`VocabParallel` is a row-kernel backend
-(pass it as ``backend=``) that wraps the real backend and combines the per-shard statistics across the
-group, so every rank ends up with the statistics of the full softmax:
+token-statistics op runs unchanged on the local shard: :class:`VocabParallel` describes the sharding
+(pass it as ``token_stats(..., vocab_parallel=vp)``, or to :func:`fastpref.preference_loss`), and its
+row kernels (:meth:`VocabParallel.kernels`) wrap the real backend's and combine the per-shard
+statistics across the group, so every rank ends up with the statistics of the full softmax:
 
 * forward: each shard gives its own ``lse_r`` and shard-local stats; one ``all_gather`` of a few
   ``[C]`` vectors per chunk, then ``lse = logsumexp_r lse_r`` and, with shard weights
@@ -15,12 +16,14 @@ group, so every rank ends up with the statistics of the full softmax:
   entropy / reference ``lse`` (all that the softmax terms need); targets on another shard are outside
   the local columns, so they add no one-hot term (the backend contract of vocabulary slices);
 * ``grad_hidden = dz_local @ W_local`` is a partial sum over shards: :meth:`VocabParallel.hidden`
-  wraps ``hidden`` in an identity whose backward all-reduces the gradient (Megatron's
-  "copy to tensor-parallel region"). ``grad_W`` / ``grad_bias`` stay local (each rank owns its rows).
+  (applied by ``token_stats``) wraps ``hidden`` in an identity whose backward all-reduces the gradient
+  (Megatron's "copy to tensor-parallel region"). ``grad_W`` / ``grad_bias`` stay local.
 
-Labels are global token ids, validated against the global vocabulary (``vocab_size`` attribute, read
-by :func:`fastpref.token_stats`). All ranks of the group must call with the same tokens and the same
-``chunk_size``, since every chunk runs one collective.
+Labels are global token ids, validated against the global vocabulary ``vocab_size``. All ranks of the
+group must call with the same tokens and the same ``chunk_size`` (the default is computed from the
+full vocabulary, so it agrees), since every chunk runs one collective. The collectives need the process
+group, which a ``torch.library`` op cannot carry: this path runs through a plain ``autograd.Function``
+(a graph break under ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -31,9 +34,8 @@ import torch
 import torch.distributed as dist
 
 from .. import _checks
-from . import dispatch
-from .dispatch import Want
-from .rows_torch import _transform
+from .backend import RowKernels, Want
+from .rows_torch import transform_logits
 
 
 def shard_range(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -59,15 +61,16 @@ class _ReduceGradOverVocab(torch.autograd.Function):
 
 
 class VocabParallel:
-    """Row-kernel backend for a vocabulary-sharded head (see the module docstring).
+    """How the head is split over a vocabulary-parallel group (see the module docstring).
 
     Args:
         vocab_size: the full vocabulary ``V`` (labels are validated against it; MallowsPO's
-            ``log V`` should use it too).
+            ``log V`` uses it too).
         vocab_start: first global row held by this rank.
         local_vocab: number of rows held by this rank (``weight_shard.shape[0]``).
         process_group: the vocabulary-parallel group (default: the world).
-        backend: the row kernels run on each shard (a name, or None for the device default).
+        backend: the row kernels run on each shard (a name, or None for the device default); a
+            ``backend=`` given to ``token_stats`` takes precedence.
 
     The constructor runs one ``all_gather`` to learn every rank's shard and checks that the shards
     tile ``[0, V)`` exactly.
@@ -76,8 +79,8 @@ class VocabParallel:
 
         start, end = fastpref.ops.vocab_parallel.shard_range(V, rank, world)
         vp = VocabParallel(V, start, end - start)
-        stats = vp.token_stats(hidden, full_weight[start:end], labels, entropy=True)
-        out = vp.preference_loss(hidden, full_weight[start:end], labels, loss="dpo", ref_chosen_logps=..., ...)
+        stats = fastpref.token_stats(hidden, full_weight[start:end], labels, entropy=True, vocab_parallel=vp)
+        out = fastpref.preference_loss(hidden, full_weight[start:end], labels, loss="dpo", vocab_parallel=vp, ...)
     """
 
     def __init__(self, vocab_size: int, vocab_start: int, local_vocab: int, *, process_group=None,
@@ -89,8 +92,7 @@ class VocabParallel:
         self.local_vocab = int(local_vocab)
         self.group = process_group
         self.world = dist.get_world_size(process_group)
-        self.inner_backend = backend
-        self.__name__ = "vocab_parallel"
+        self.backend = backend
         mine = torch.tensor([self.vocab_start, self.local_vocab], dtype=torch.int64)
         everyone = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(everyone, mine, group=process_group)
@@ -108,59 +110,49 @@ class VocabParallel:
         # order[r] = position of rank r's shard in vocabulary order (for "first maximum wins" across shards)
         self.order = [sorted(self.starts).index(s) for s in self.starts]
 
-    # ---- front doors ----
-
     def hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` unchanged, with its gradient summed over the group in backward."""
         return _ReduceGradOverVocab.apply(hidden, self.group)
 
-    def token_stats(self, hidden, weight_shard, labels, **kwargs):
-        """:func:`fastpref.token_stats` on this rank's shard: full-vocabulary statistics on every rank."""
-        from .token_stats import token_stats
-
-        self._check_shard(weight_shard)
-        return token_stats(self.hidden(hidden), weight_shard, labels, backend=self, **kwargs)
-
-    def preference_loss(self, hidden, weight_shard, labels, **kwargs):
-        """:func:`fastpref.preference_loss` on this rank's shard (loss and metrics equal on all ranks)."""
-        from ..modules import preference_loss
-
-        self._check_shard(weight_shard)
-        return preference_loss(self.hidden(hidden), weight_shard, labels, backend=self, **kwargs)
-
-    def _check_shard(self, weight_shard: torch.Tensor) -> None:
+    def check_shard(self, weight_shard: torch.Tensor) -> None:
         if weight_shard.shape[0] != self.local_vocab:
             _checks.fail("weight", f"has {weight_shard.shape[0]} rows but this rank's shard holds {self.local_vocab}")
 
-    # ---- row-kernel protocol (fastpref.ops.dispatch) ----
+    def kernels(self, inner: RowKernels) -> ShardedRows:
+        """Row kernels over this rank's shard that combine the statistics across the group."""
+        return ShardedRows(self, inner)
 
-    def _inner(self, device: torch.device):
-        return dispatch.resolve(device, self.inner_backend)[1]
+
+class ShardedRows:
+    """:class:`fastpref.ops.backend.RowKernels` of one vocabulary shard: ``inner`` on the local columns,
+    then one ``all_gather`` of a few ``[C]`` vectors per chunk to combine the shards."""
+
+    def __init__(self, shards: VocabParallel, inner: RowKernels):
+        self.shards, self.inner = shards, inner
 
     def _localise(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        local = target - self.vocab_start
-        mine = (local >= 0) & (local < self.local_vocab)
-        return local.clamp(0, self.local_vocab - 1), mine
+        local = target - self.shards.vocab_start
+        mine = (local >= 0) & (local < self.shards.local_vocab)
+        return local.clamp(0, self.shards.local_vocab - 1), mine
 
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         """``[k, C]`` local rows -> ``[world, k, C]`` (every rank's, in rank order)."""
         rows = rows.contiguous()
-        out = [torch.empty_like(rows) for _ in range(self.world)]
-        dist.all_gather(out, rows, group=self.group)
+        out = [torch.empty_like(rows) for _ in range(self.shards.world)]
+        dist.all_gather(out, rows, group=self.shards.group)
         return torch.stack(out)
 
     def forward_rows(self, logits, target, *, want: Want, ref_logits=None, softcap=0.0, post_scale=1.0):
         local, mine = self._localise(target)
-        inner = self._inner(logits.device)
         # The target logit and shard maximum are read from the raw chunk before the inner kernel runs.
-        z_t = _transform(logits.gather(1, local[:, None]).squeeze(1), softcap, post_scale)[0]
+        z_t = transform_logits(logits.gather(1, local[:, None]).squeeze(1), softcap, post_scale)[0]
         z_t = torch.where(mine, z_t, torch.zeros_like(z_t))
-        z_max = _transform(logits.max(dim=1).values, softcap, post_scale)[0] if want.is_top1 else None
+        z_max = transform_logits(logits.max(dim=1).values, softcap, post_scale)[0] if want.is_top1 else None
         zr_t = None
         if ref_logits is not None:
-            zr_t = _transform(ref_logits.gather(1, local[:, None]).squeeze(1), softcap, post_scale)[0]
+            zr_t = transform_logits(ref_logits.gather(1, local[:, None]).squeeze(1), softcap, post_scale)[0]
             zr_t = torch.where(mine, zr_t, torch.zeros_like(zr_t))
-        part = inner.forward_rows(logits, local, want=want, ref_logits=ref_logits, softcap=softcap,
+        part = self.inner.forward_rows(logits, local, want=want, ref_logits=ref_logits, softcap=softcap,
                                   post_scale=post_scale)
 
         names = ["lse", "z_t", "mine"]
@@ -193,8 +185,8 @@ class VocabParallel:
         if want.log_sum_sq_probs:
             out["log_sum_sq_probs"] = torch.logsumexp(2 * log_w + g["log_sum_sq_probs"], dim=0)
         if want.mean_logits:
-            sizes = torch.tensor(self.sizes, dtype=torch.float32, device=lse.device)[:, None]
-            out["mean_logits"] = (g["mean_logits"] * sizes).sum(0) / self.vocab_size
+            sizes = torch.tensor(self.shards.sizes, dtype=torch.float32, device=lse.device)[:, None]
+            out["mean_logits"] = (g["mean_logits"] * sizes).sum(0) / self.shards.vocab_size
         if want.is_top1:
             out["is_top1"] = self._top1(g)
         if has_ref:
@@ -215,7 +207,7 @@ class VocabParallel:
         """Global argmax == target, the first maximum (lowest token id) winning, as TRL counts it."""
         mine = g["mine"] > 0.5  # [world, C], exactly one owner per row
         z_t = g["z_t"].sum(0)
-        order = torch.tensor(self.order, device=z_t.device)[:, None]  # [world, 1]
+        order = torch.tensor(self.shards.order, device=z_t.device)[:, None]  # [world, 1]
         owner_order = (order * mine).sum(0)  # [C]
         before = order < owner_order  # shards with smaller token ids than the owner
         beaten = torch.where(before, g["max"] >= z_t, g["max"] > z_t)
@@ -226,10 +218,10 @@ class VocabParallel:
                        ref_logits=None, ref_lse=None, softcap=0.0, post_scale=1.0):
         # With the global lse / entropy / ref_lse, the inner kernel's softmax terms are exact on the local
         # columns; a target on another shard falls outside [0, local width) and adds no one-hot term.
-        self._inner(logits.device).backward_rows_(
-            logits, target - self.vocab_start, lse, g_logp=g_logp, g_entropy=g_entropy, entropy=entropy,
+        self.inner.backward_rows_(
+            logits, target - self.shards.vocab_start, lse, g_logp=g_logp, g_entropy=g_entropy, entropy=entropy,
             g_kl=g_kl, ref_logits=ref_logits, ref_lse=ref_lse, softcap=softcap, post_scale=post_scale,
         )
 
 
-__all__ = ["VocabParallel", "shard_range"]
+__all__ = ["ShardedRows", "VocabParallel", "shard_range"]

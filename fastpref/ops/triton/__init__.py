@@ -1,7 +1,7 @@
 """Triton row kernels: the CUDA backend of the token-statistics op.
 
-Implements the backend contract of :mod:`fastpref.ops.dispatch` (same signatures, keys and semantics
-as :mod:`fastpref.ops.rows_torch`) with one fused kernel per direction; the chunk GEMMs stay on cuBLAS
+Implements :class:`fastpref.ops.backend.RowKernels` (same signatures, keys and semantics as
+:mod:`fastpref.ops.rows_torch`) with one fused kernel per direction; the chunk GEMMs stay on cuBLAS
 in :mod:`fastpref.ops.token_stats`. Runs on CUDA tensors, or on CPU tensors in Triton's interpreter
 (``TRITON_INTERPRET=1`` set before this package is imported).
 
@@ -18,13 +18,15 @@ at any chunk size.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from ..dispatch import Want
+from ..backend import Want
 
 try:
     import triton
-except ImportError:  # the dispatcher reads AVAILABLE and then never calls into this module
+except ImportError:  # the registry reads AVAILABLE and then never calls into this module
     AVAILABLE = False
 else:
     AVAILABLE = True
@@ -32,12 +34,20 @@ else:
     from .forward import token_stats_forward_kernel
 
 MAX_BLOCK = 4096
+# Tuning knobs for a GPU session (benchmarks/gpu_check.py --tune): override the launch heuristic.
+BLOCK_ENV, WARPS_ENV = "FASTPREF_TRITON_BLOCK", "FASTPREF_TRITON_WARPS"
 
 
 def _launch_config(vocab: int) -> tuple[int, int]:
-    """``(BLOCK, num_warps)`` for rows of ``vocab`` columns (see the module docstring)."""
+    """``(BLOCK, num_warps)`` for rows of ``vocab`` columns (see the module docstring), unless
+    ``FASTPREF_TRITON_BLOCK`` / ``FASTPREF_TRITON_WARPS`` say otherwise (powers of two)."""
     block = min(MAX_BLOCK, triton.next_power_of_2(vocab))
-    return block, max(1, min(8, block // 512))
+    warps = max(1, min(8, block // 512))
+    if os.environ.get(BLOCK_ENV):
+        block = int(os.environ[BLOCK_ENV])
+    if os.environ.get(WARPS_ENV):
+        warps = int(os.environ[WARPS_ENV])
+    return block, warps
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
