@@ -4,7 +4,7 @@ Three levels, one heavy op:
 
 1. :func:`token_stats` — per-token log-probs / entropies / reference KL straight from hidden states
    and the LM-head weight (chunked, fused, exact gradients, never the full logits);
-2. :func:`sequence_logps` — per-sequence sums and means (padded or packed layouts, optional
+2. :func:`sequence_logps` — per-sequence sums and means (padded or packed sequences, optional
    per-token weights), and :class:`Groups` for K responses per prompt;
 3. the losses (:func:`dpo_loss`, :func:`mallows_dpo_loss`, :func:`pro_loss`, :func:`tdpo_loss`,
    :func:`kto_loss`, ...) on per-sequence tensors, and :func:`preference_loss` /
@@ -50,6 +50,8 @@ from .losses import (
     pro_loss,
     register,
     simpo_loss,
+    tdpo1_loss,
+    tdpo2_loss,
     tdpo_loss,
     todo_loss,
     wpo_weights,
@@ -69,5 +71,5 @@ __all__ = [
     "mppo_list_mle_loss", "mppo_pair_mcm_loss", "mppo_pair_mcs_loss", "mppo_pair_mnm_loss", "mppo_pair_mns_loss",
     "mppo_pair_single_loss", "mppo_point_ce_loss", "mppo_point_mse_loss", "neg_log_dispersion", "orpo_log_odds",
     "orpo_loss", "preference_loss", "pro_loss", "reduce_tokens", "register", "sequence_logps", "shift_labels",
-    "simpo_loss", "tdpo_loss", "todo_loss", "token_stats", "wpo_weights",
+    "simpo_loss", "tdpo1_loss", "tdpo2_loss", "tdpo_loss", "todo_loss", "token_stats", "wpo_weights",
 ]

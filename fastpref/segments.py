@@ -1,6 +1,6 @@
 """Level 2: per-token statistics reduced to per-sequence sums and means (cheap, O(N)).
 
-Two layouts give identical numbers:
+Two packings of the sequences give identical numbers (:class:`Segments`):
 
 * padded: ``hidden [R, T, d]``, ``labels [R, T]``, one sequence per row;
 * packed (padding-free): ``hidden [1, N, d]`` (or ``[N, d]``), ``labels [1, N]`` (or ``[N]``) with
@@ -46,26 +46,38 @@ class SequenceStats(NamedTuple):
     ref_weighted_sum_logp: torch.Tensor | None = None
     weighted_sum_kl: torch.Tensor | None = None
     mean_log_sum_sq_probs: torch.Tensor | None = None
-    tokens: TokenStats | None = None
 
 
 def map_stats(stats: SequenceStats, fn) -> SequenceStats:
-    """Applies ``fn`` to every per-sequence tensor of ``stats`` (select, split, pad); drops ``tokens``."""
-    fields = {k: (fn(v) if isinstance(v, torch.Tensor) else None) for k, v in stats._asdict().items() if k != "tokens"}
-    return SequenceStats(**fields, tokens=None)
+    """Applies ``fn`` to every per-sequence tensor of ``stats`` (select, split, pad)."""
+    return SequenceStats(*(None if v is None else fn(v) for v in stats))
 
 
 class Segments:
-    """Maps every token position to its sequence and sums per-token tensors per sequence."""
+    """The packing of the sequences: maps every token position to its sequence, sums per sequence.
 
-    def __init__(self, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None):
+    Padded (one sequence per row of ``labels [R, T]``) or packed (``labels [1, N]`` / ``[N]`` with
+    ``cu_seqlens`` or ``seq_ids``). Validated before any heavy work: ``num`` sequences, each with
+    ``num_tokens`` valid (``!= ignore_index``) tokens, at least one (a mean over none is 0/0).
+    """
+
+    def __init__(self, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                 seq_ids: torch.Tensor | None = None, *, ignore_index: int = -100):
+        _checks.integer("ignore_index", ignore_index)
+        self._locate(labels, cu_seqlens, seq_ids)
+        self.num_tokens = self.sum((labels != ignore_index).to(torch.int64))
+        empty = (self.num_tokens == 0).nonzero().flatten().tolist()
+        if empty:
+            _checks.fail("labels", f"has sequences with no valid (non-ignore_index) token: indices {empty[:8]}")
+
+    def _locate(self, labels, cu_seqlens, seq_ids) -> None:
         if cu_seqlens is not None and seq_ids is not None:
             _checks.fail("cu_seqlens", "and `seq_ids` are alternatives; pass one of them")
         self.shape = labels.shape
         if cu_seqlens is None and seq_ids is None:
             if labels.dim() != 2:
-                _checks.fail("labels", f"must be [rows, seq_len] for the padded layout, got shape {tuple(labels.shape)}; "
-                                       "pass `cu_seqlens` for packed sequences")
+                _checks.fail("labels", f"must be [rows, seq_len] for padded sequences, got shape "
+                                       f"{tuple(labels.shape)}; pass `cu_seqlens` for packed sequences")
             self.ids = None
             self.num = labels.shape[0]
             return
@@ -104,6 +116,42 @@ class Segments:
         if self.ids is None:
             return torch.arange(self.num, device=device)[:, None].expand(self.shape)
         return self.ids.view(self.shape)
+
+    def reduce(self, stats: TokenStats, logp_weights: torch.Tensor | None = None,
+               kl_weights: torch.Tensor | None = None) -> SequenceStats:
+        """Per-sequence sums and means of ``stats`` (shaped like the labels), and the weighted sums."""
+        count = self.num_tokens.float()
+
+        def sum_and_mean(x: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            if x is None:
+                return None, None
+            total = self.sum(x)
+            return total, total / count
+
+        def weighted(w: torch.Tensor | None, x: torch.Tensor | None) -> torch.Tensor | None:
+            # stats are 0 at ignored positions, so (finite) weights there drop out
+            return None if w is None or x is None else self.sum(w.float() * x)
+
+        sum_logp, mean_logp = sum_and_mean(stats.logp)
+        sum_entropy, mean_entropy = sum_and_mean(stats.entropy)
+        ref_sum_logp, ref_mean_logp = sum_and_mean(stats.ref_logp)
+        ref_sum_entropy, ref_mean_entropy = sum_and_mean(stats.ref_entropy)
+        return SequenceStats(
+            sum_logp=sum_logp,
+            mean_logp=mean_logp,
+            num_tokens=self.num_tokens,
+            sum_entropy=sum_entropy,
+            mean_entropy=mean_entropy,
+            ref_sum_logp=ref_sum_logp,
+            ref_mean_logp=ref_mean_logp,
+            ref_sum_entropy=ref_sum_entropy,
+            ref_mean_entropy=ref_mean_entropy,
+            sum_kl=None if stats.kl is None else self.sum(stats.kl),
+            weighted_sum_logp=weighted(logp_weights, stats.logp),
+            ref_weighted_sum_logp=weighted(logp_weights, stats.ref_logp),
+            weighted_sum_kl=weighted(kl_weights, stats.kl),
+            mean_log_sum_sq_probs=sum_and_mean(stats.log_sum_sq_probs)[1],
+        )
 
 
 class Groups:
@@ -159,16 +207,6 @@ class Groups:
         return padded._replace(num_tokens=self.pad(stats.num_tokens, fill=1))
 
 
-def _layout(labels, cu_seqlens, seq_ids, ignore_index) -> tuple[Segments, torch.Tensor]:
-    """Validates the layout before any heavy work; returns the segments and valid tokens per sequence."""
-    segments = Segments(labels, cu_seqlens, seq_ids)
-    num_tokens = segments.sum((labels != ignore_index).to(torch.int64))
-    empty = (num_tokens == 0).nonzero().flatten().tolist()
-    if empty:
-        _checks.fail("labels", f"has sequences with no valid (non-ignore_index) token: indices {empty[:8]}")
-    return segments, num_tokens
-
-
 def check_token_weights(
     labels: torch.Tensor, logp_weights: torch.Tensor | None, kl_weights: torch.Tensor | None, *, kl: bool
 ) -> None:
@@ -184,48 +222,6 @@ def check_token_weights(
         _checks.same_device(name, w, "labels", labels)
     if kl_weights is not None and not kl:
         _checks.fail("kl_weights", "weights the per-token KL, which needs kl=True (and a reference head)")
-
-
-def _reduce(
-    stats: TokenStats,
-    segments: Segments,
-    num_tokens: torch.Tensor,
-    logp_weights: torch.Tensor | None = None,
-    kl_weights: torch.Tensor | None = None,
-) -> SequenceStats:
-    count = num_tokens.float()
-
-    def sum_and_mean(x: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if x is None:
-            return None, None
-        total = segments.sum(x)
-        return total, total / count
-
-    def weighted(w: torch.Tensor | None, x: torch.Tensor | None) -> torch.Tensor | None:
-        # stats are 0 at ignored positions, so (finite) weights there drop out
-        return None if w is None or x is None else segments.sum(w.float() * x)
-
-    sum_logp, mean_logp = sum_and_mean(stats.logp)
-    sum_entropy, mean_entropy = sum_and_mean(stats.entropy)
-    ref_sum_logp, ref_mean_logp = sum_and_mean(stats.ref_logp)
-    ref_sum_entropy, ref_mean_entropy = sum_and_mean(stats.ref_entropy)
-    return SequenceStats(
-        sum_logp=sum_logp,
-        mean_logp=mean_logp,
-        num_tokens=num_tokens,
-        sum_entropy=sum_entropy,
-        mean_entropy=mean_entropy,
-        ref_sum_logp=ref_sum_logp,
-        ref_mean_logp=ref_mean_logp,
-        ref_sum_entropy=ref_sum_entropy,
-        ref_mean_entropy=ref_mean_entropy,
-        sum_kl=None if stats.kl is None else segments.sum(stats.kl),
-        weighted_sum_logp=weighted(logp_weights, stats.logp),
-        ref_weighted_sum_logp=weighted(logp_weights, stats.ref_logp),
-        weighted_sum_kl=weighted(kl_weights, stats.kl),
-        mean_log_sum_sq_probs=sum_and_mean(stats.log_sum_sq_probs)[1],
-        tokens=stats,
-    )
 
 
 def reduce_tokens(
@@ -246,8 +242,7 @@ def reduce_tokens(
     Raises ``ValueError`` if a sequence has no valid token (its mean would be 0/0).
     """
     check_token_weights(labels, logp_weights, kl_weights, kl=stats.kl is not None)
-    segments, num_tokens = _layout(labels, cu_seqlens, seq_ids, ignore_index)
-    return _reduce(stats, segments, num_tokens, logp_weights, kl_weights)
+    return Segments(labels, cu_seqlens, seq_ids, ignore_index=ignore_index).reduce(stats, logp_weights, kl_weights)
 
 
 def sequence_logps(
@@ -275,6 +270,6 @@ def sequence_logps(
     """
     _checks.tensor("labels", labels, floating=False)
     check_token_weights(labels, logp_weights, kl_weights, kl=bool(token_stats_kwargs.get("kl")))
-    segments, num_tokens = _layout(labels, cu_seqlens, seq_ids, ignore_index)
+    segments = Segments(labels, cu_seqlens, seq_ids, ignore_index=ignore_index)
     stats = token_stats(hidden, weight, labels, ignore_index=ignore_index, **token_stats_kwargs)
-    return _reduce(stats, segments, num_tokens, logp_weights, kl_weights)
+    return segments.reduce(stats, logp_weights, kl_weights)

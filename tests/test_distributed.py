@@ -19,6 +19,8 @@ import fastpref
 from fastpref.ops.reference import reference_token_stats
 from fastpref.ops.vocab_parallel import VocabParallel, shard_range
 
+pytestmark = pytest.mark.slow  # spawns 2 processes per test
+
 WORLD = 2
 
 
@@ -141,7 +143,7 @@ def _vocab_parallel_losses(rank):
     y[:, :3] = -100
     start, end = shard_range(vocab, rank, WORLD)
     vp = VocabParallel(vocab, start, end - start, backend="torch")
-    for loss, kwargs in (("dpo", {}), ("tdpo2", {}), ("simpo", {})):
+    for loss, kwargs in (("dpo", {}), ("tdpo2", {}), ("simpo", {}), ("mallows_dpo", {})):  # psi uses the full V
         hh, ws = h.clone().requires_grad_(), w[start:end].clone().requires_grad_()
         got = fastpref.preference_loss(hh, ws, y, loss=loss, ref_hidden=hr, ref_weight=w[start:end],
                                        trl_metrics=True, vocab_parallel=vp, **kwargs)

@@ -35,7 +35,6 @@ def test_shapes():
 def test_dtypes_and_devices():
     h, w, y = good()
     raises("weight", fastpref.token_stats, h, w.double(), y)
-    raises("hidden", fastpref.token_stats, h.double(), w.double(), y)
     raises("labels", fastpref.token_stats, h, w, y.float())
     raises("weight", fastpref.token_stats, h, w.to("meta"), y)
     raises("bias", fastpref.token_stats, h, w, y, bias=torch.zeros(20, dtype=torch.bfloat16))
@@ -99,9 +98,9 @@ def test_sequence_without_valid_tokens():
     raises("labels", fastpref.preference_loss, h, w, y, loss="simpo", backend=BACKEND)
 
 
-def test_layouts():
+def test_packing():
     h, w, y = good()
-    raises("labels", fastpref.sequence_logps, h.reshape(-1, 8), w, y.reshape(-1), backend=BACKEND)  # 1-D, no cu
+    raises("labels", fastpref.sequence_logps, h.reshape(-1, 8), w, y.reshape(-1), backend=BACKEND)  # 1-D without cu_seqlens
     flat_h, flat_y = h.reshape(1, -1, 8), y.reshape(1, -1)
     raises("cu_seqlens", fastpref.sequence_logps, flat_h, w, flat_y, cu_seqlens=torch.tensor([0, 5, 12]))
     raises("cu_seqlens", fastpref.sequence_logps, flat_h, w, flat_y, cu_seqlens=torch.tensor([0, 12, 5, 20]))

@@ -1,7 +1,7 @@
 """Listwise losses (PRO, MPPO x8, LiPO-lambda, List-MLE / DPO-Plackett-Luce) and the "groups" layout.
 
-Expected values are computed here with explicit Python loops over the formulas of LOSSES.md §3, §4,
-§7.1, never by calling the code under test.
+Expected values are computed here with explicit Python loops over the formulas (docs/losses.md,
+sections ``pro``, ``mppo_*``, ``lipo_lambda``, ``dpo_plackett_luce``), never by calling the code under test.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastpref
-from loss_oracle import assert_close, leaves, logsigmoid, make_batch, oracle, pack, softplus
+from oracle import assert_close, leaves, logsigmoid, make_batch, pack, sequence_oracle, softplus
 
 # Two prompts: 4 responses, and 3 responses (+1 padding column); scores with a tie in the second list.
 LOGPS = [[-1.3, -0.4, -2.2, -0.9], [-0.7, -1.6, -0.2, 0.0]]
@@ -256,16 +256,17 @@ def test_front_door_groups_matches_oracle(name, packed):
     sizes = [4, 2, 3]
     hidden, weight, labels, ref_hidden = make_batch(sum(sizes), seed=1)
     scores = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.2, 0.7, 0.4, 0.4, 0.8])
-    hparams = {"beta": 0.5} if name in ("lipo_lambda", "dpo_plackett_luce") else {}
+    uses_ref = name in ("lipo_lambda", "dpo_plackett_luce")
+    hparams = {"beta": 0.5} if uses_ref else {}
     if packed:
         h, y, r, cu = pack(hidden, labels, ref_hidden)
-        out = fastpref.preference_loss(h, weight, y, loss=name, ref_hidden=r, cu_seqlens=cu, group_sizes=sizes,
-                                       scores=scores, backend="torch", **hparams)
+        out = fastpref.preference_loss(h, weight, y, loss=name, ref_hidden=r if uses_ref else None, cu_seqlens=cu,
+                                       group_sizes=sizes, scores=scores, backend="torch", **hparams)
     else:
-        out = fastpref.preference_loss(hidden, weight, labels, loss=name, ref_hidden=ref_hidden,
+        out = fastpref.preference_loss(hidden, weight, labels, loss=name, ref_hidden=ref_hidden if uses_ref else None,
                                        group_sizes=torch.tensor(sizes), scores=scores, backend="torch", **hparams)
     h64, w64 = leaves(hidden, weight)
-    o = oracle(h64, w64, labels, ref_hidden)
+    o = sequence_oracle(h64, w64, labels, ref_hidden)
     expected = _front_door_expected(name, o, sizes, scores, hparams.get("beta"))
     assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
     out.loss.backward()
@@ -280,7 +281,7 @@ def test_front_door_group_metrics():
     scores = torch.tensor([0.2, 0.9, 0.5, 0.3, 0.3])  # best of prompt 0 is row 1; prompt 1 is a tie
     out = fastpref.preference_loss(hidden, weight, labels, loss="mppo_pair_mcs", group_sizes=sizes, scores=scores,
                                    backend="torch")
-    o = oracle(*leaves(hidden, weight), labels)
+    o = sequence_oracle(*leaves(hidden, weight), labels)
     p = o["mean_logp"].exp()
     lp = o["sum_logp"]
     assert_close(out.metrics["rewards/chosen"], (p[1] + p[3]) / 2, rtol=1e-5)
@@ -295,7 +296,7 @@ def test_front_door_group_metrics():
 def test_front_door_pro_metrics_and_rank_order_without_scores():
     hidden, weight, labels, _ = make_batch(6, seed=3)
     out = fastpref.preference_loss(hidden, weight, labels, loss="mppo_list_mle", group_sizes=[3, 3], backend="torch")
-    o = oracle(*leaves(hidden, weight), labels)
+    o = sequence_oracle(*leaves(hidden, weight), labels)
     p = o["mean_logp"].exp().view(2, 3)
     expected = sum(-sum(p[b, i] - torch.logsumexp(p[b, i:], 0) for i in range(3)) for b in range(2)) / 2
     assert_close(out.loss, expected, rtol=1e-5)
@@ -330,7 +331,8 @@ def test_precomputed_ref_logps_per_sequence():
 
 def _front(loss="pro", rows=5, **kwargs):
     hidden, weight, labels, ref_hidden = make_batch(rows)
-    return fastpref.preference_loss(hidden, weight, labels, loss=loss, ref_hidden=ref_hidden, backend="torch", **kwargs)
+    ref = {} if fastpref.get_loss(loss).reference == "none" else {"ref_hidden": ref_hidden}
+    return fastpref.preference_loss(hidden, weight, labels, loss=loss, backend="torch", **ref, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs, arg", [

@@ -1,4 +1,4 @@
-"""TDPO1/TDPO2 (LOSSES.md §5) and per-token weights on the log-ratio and KL sums (SparsePO, §7.4)."""
+"""TDPO1/TDPO2 (docs/losses.md, ``tdpo1``/``tdpo2``) and per-token weights on the log-ratio and KL sums (SparsePO)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastpref
-from loss_oracle import assert_close, leaves, logsigmoid, make_batch, oracle, pack
+from oracle import assert_close, leaves, logsigmoid, make_batch, pack, sequence_oracle
 
 
 def _inputs(seed=0, b=4):
@@ -65,15 +65,15 @@ def _tdpo_from_oracle(o, pairs, *, beta, alpha, tdpo2, weighted=False):
 def test_tdpo_front_door_matches_oracle_values_and_gradients(loss, packed):
     hidden, weight, labels, ref_hidden = make_batch(6, seed=4)
     beta, alpha = 0.4, 0.6
+    hparams = dict(beta=beta, alpha=alpha) if loss == "tdpo2" else dict(beta=beta)  # TDPO1 has no alpha
     if packed:
         h, y, r, cu = pack(hidden, labels, ref_hidden)
-        out = fastpref.preference_loss(h, weight, y, loss=loss, ref_hidden=r, cu_seqlens=cu, beta=beta, alpha=alpha,
-                                       backend="torch")
+        out = fastpref.preference_loss(h, weight, y, loss=loss, ref_hidden=r, cu_seqlens=cu, backend="torch", **hparams)
     else:
-        out = fastpref.preference_loss(hidden, weight, labels, loss=loss, ref_hidden=ref_hidden, beta=beta,
-                                       alpha=alpha, backend="torch")
+        out = fastpref.preference_loss(hidden, weight, labels, loss=loss, ref_hidden=ref_hidden, backend="torch",
+                                       **hparams)
     h64, w64 = leaves(hidden, weight)
-    o = oracle(h64, w64, labels, ref_hidden, kl=True)
+    o = sequence_oracle(h64, w64, labels, ref_hidden, kl=True)
     expected, dw, dl, rho = _tdpo_from_oracle(o, 3, beta=beta, alpha=alpha, tdpo2=loss == "tdpo2")
     assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
     out.loss.backward()
@@ -108,7 +108,7 @@ def test_reduce_tokens_weighted_sums():
     md = torch.rand(labels.shape, generator=g, dtype=torch.float32).requires_grad_()
     stats = fastpref.sequence_logps(hidden, weight, labels, ref_hidden=ref_hidden, kl=True, logp_weights=mu,
                                     kl_weights=md, backend="torch")
-    o = oracle(*leaves(hidden, weight), labels, ref_hidden, kl=True, logp_weights=mu, kl_weights=md)
+    o = sequence_oracle(*leaves(hidden, weight), labels, ref_hidden, kl=True, logp_weights=mu, kl_weights=md)
     for key in ("weighted_sum_logp", "ref_weighted_sum_logp", "weighted_sum_kl"):
         assert_close(getattr(stats, key), o[key], rtol=1e-5, atol=1e-5)
     assert_close(stats.sum_logp, o["sum_logp"], rtol=1e-5)  # the unweighted sums are unchanged
@@ -132,7 +132,7 @@ def test_sparsepo_weights_through_the_front_door_match_oracle():
     out = fastpref.preference_loss(hidden, weight, labels, loss="tdpo1", ref_hidden=ref_hidden, logp_weights=mu,
                                    kl_weights=md, beta=0.8, backend="torch")
     h64, w64, mu64, md64 = leaves(hidden, weight, mu, md)
-    o = oracle(h64, w64, labels, ref_hidden, kl=True, logp_weights=mu64, kl_weights=md64)
+    o = sequence_oracle(h64, w64, labels, ref_hidden, kl=True, logp_weights=mu64, kl_weights=md64)
     expected, *_ = _tdpo_from_oracle(o, 2, beta=0.8, alpha=None, tdpo2=False, weighted=True)
     assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
     out.loss.backward()

@@ -1,4 +1,4 @@
-"""KTO with its mismatched-row KL estimate (LOSSES.md §6.1) and WPO weighting (TRL ``use_weighting``)."""
+"""KTO with its mismatched-row KL estimate (docs/losses.md, ``kto``) and WPO weighting (TRL ``use_weighting``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastpref
-from loss_oracle import assert_close, leaves, make_batch, oracle, pack
+from oracle import assert_close, leaves, make_batch, pack, sequence_oracle
 
 
 def _sigmoid(x: float) -> float:
@@ -21,7 +21,8 @@ def test_kto_hand_computed(loss_type):
     ref = torch.tensor([-11.0, -9.5, -18.0, -4.0, -9.5], dtype=torch.float64)
     desirable = torch.tensor([True, False, True, False, True])
     z, beta, wd, wu = 0.7, 0.2, 1.3, 0.6
-    loss, rewards = fastpref.kto_loss(policy, ref, desirable, kl=z, beta=beta, desirable_weight=wd,
+    kl = z if loss_type == "kto" else None  # apo_zero_unpaired has no reference point
+    loss, rewards = fastpref.kto_loss(policy, ref, desirable, kl=kl, beta=beta, desirable_weight=wd,
                                       undesirable_weight=wu, loss_type=loss_type, reduction="none")
     for i in range(5):
         rho = policy[i].item() - ref[i].item()
@@ -31,7 +32,7 @@ def test_kto_hand_computed(loss_type):
             expected = wd * (1 - _sigmoid(beta * rho)) if desirable[i] else wu * _sigmoid(beta * rho)
         assert_close(loss[i], expected, rtol=1e-12)
         assert_close(rewards[i], beta * rho, rtol=1e-12)
-    mean, _ = fastpref.kto_loss(policy, ref, desirable, kl=z, beta=beta, desirable_weight=wd, undesirable_weight=wu,
+    mean, _ = fastpref.kto_loss(policy, ref, desirable, kl=kl, beta=beta, desirable_weight=wd, undesirable_weight=wu,
                                 loss_type=loss_type)
     assert_close(mean, loss.mean(), rtol=1e-12)
 
@@ -56,7 +57,7 @@ def test_kto_front_door_with_kl_rows_matches_oracle(packed):
     else:
         out = fastpref.preference_loss(hidden, weight, labels, ref_hidden=ref_hidden, **kwargs)
     h64, w64 = leaves(hidden, weight)
-    o = oracle(h64, w64, labels, ref_hidden)
+    o = sequence_oracle(h64, w64, labels, ref_hidden)
     rho = o["sum_logp"] - o["ref_sum_logp"]
     z = rho[4:].detach().mean().clamp(min=0)
     d = desirable.double()
@@ -82,7 +83,7 @@ def test_kto_metrics_skip_an_absent_side_and_precomputed_z():
                                    desirable=torch.ones(3, dtype=torch.bool), backend="torch")
     assert "rewards/rejected" not in out.metrics and "rewards/margins" not in out.metrics
     assert_close(out.metrics["kl"], 0.25)
-    o = oracle(*leaves(hidden, weight), labels, ref_hidden)
+    o = sequence_oracle(*leaves(hidden, weight), labels, ref_hidden)
     rho = o["sum_logp"] - o["ref_sum_logp"]
     assert_close(out.loss, (1 - torch.sigmoid(0.1 * (rho - 0.25))).mean(), rtol=1e-5)
     precomputed = fastpref.preference_loss(hidden, weight, labels, loss="kto", ref_logps=o["ref_sum_logp"].float(),
@@ -136,11 +137,12 @@ def test_wpo_weights_hand_computed():
                                            ("simpo", {}), ("tdpo2", {})])
 def test_use_weighting_through_the_front_door(loss, hparams):
     hidden, weight, labels, ref_hidden = make_batch(6, seed=13)
+    ref_hidden = None if loss == "simpo" else ref_hidden  # SimPO uses no reference
     plain = fastpref.preference_loss(hidden, weight, labels, loss=loss, ref_hidden=ref_hidden, backend="torch",
                                      reduction="none", **hparams)
     out = fastpref.preference_loss(hidden, weight, labels, loss=loss, ref_hidden=ref_hidden, backend="torch",
                                    reduction="none", use_weighting=True, **hparams)
-    o = oracle(*leaves(hidden, weight), labels, log_sum_sq_probs=True)
+    o = sequence_oracle(*leaves(hidden, weight), labels, log_sum_sq_probs=True)
     w = torch.exp(o["mean_logp"] - o["mean_log_sum_sq_probs"]).detach()
     assert_close(out.loss, plain.loss * w[:3] * w[3:], rtol=1e-5, atol=1e-7)
     # the weights carry no gradient: d(weighted)/d(theta) = w_w w_l d(plain)/d(theta)

@@ -34,7 +34,7 @@ from .registry import (
     get_loss,
     register,
 )
-from .token_level import tdpo_loss
+from .token_level import tdpo1_loss, tdpo2_loss, tdpo_loss
 from .unpaired import kto_kl_estimate, kto_loss
 from .wpo import wpo_weights
 
@@ -45,6 +45,6 @@ __all__ = [
     "lipo_lambda_weights", "list_mle_loss", "mallows_dpo_loss", "mallows_ipo_loss", "mallows_phi_dpo_loss",
     "mmpo_loss", "mppo_list_mle_loss", "mppo_pair_mcm_loss", "mppo_pair_mcs_loss", "mppo_pair_mnm_loss",
     "mppo_pair_mns_loss", "mppo_pair_single_loss", "mppo_point_ce_loss", "mppo_point_mse_loss",
-    "neg_log_dispersion", "orpo_log_odds", "orpo_loss", "pro_loss", "register", "simpo_loss", "tdpo_loss",
-    "todo_loss", "wpo_weights",
+    "neg_log_dispersion", "orpo_log_odds", "orpo_loss", "pro_loss", "register", "simpo_loss", "tdpo1_loss",
+    "tdpo2_loss", "tdpo_loss", "todo_loss", "wpo_weights",
 ]

@@ -1,6 +1,6 @@
 """Listwise losses on K ranked responses per prompt: PRO, List-MLE / DPO-Plackett-Luce, LiPO-lambda.
 
-Convention (see :mod:`fastpref.losses._lists`): per-response inputs are ``[B, K]``; ``mask [B, K]``
+Convention (see :mod:`fastpref.losses.lists`): per-response inputs are ``[B, K]``; ``mask [B, K]``
 (bool) pads lists of different sizes; responses are best first unless ``scores [B, K]`` (higher is
 better) are given. Each function returns ``(losses, rewards)``: losses reduced by ``reduction``
 ("mean" over prompts by default, "sum", or "none" for ``[B]``), rewards ``[B, K]`` per response in
@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from ._common import check_positive, logratios, reduce
-from ._lists import check_list, list_mask, ranked
+from ._common import logratios, reduce
+from .checks import check_non_negative, check_positive
+from .lists import check_list, list_mask, ranked
 from .registry import GroupBatch, ListLossResult, register
 
 
@@ -94,6 +95,7 @@ def _pro_terms(
     """PRO's per-stage losses ``[B, K-1]``, stage mask, SFT term ``[B]`` and the validated mask."""
     mask = list_mask(policy_logps, mask, scores, scores_required="PRO (its temperatures are reward differences)")
     check_positive("eps", eps)
+    check_non_negative("sft_weight", sft_weight)
     if sft_weight:
         if policy_sum_logps is None:
             _checks.fail("policy_sum_logps", "is required by PRO's SFT term (sft_weight != 0): summed log-probs")
@@ -205,7 +207,7 @@ def lipo_lambda_loss(
 # ---- fused front-door adapters (see fastpref.losses.registry) ----
 
 
-@register("pro", layout="groups")
+@register("pro", function=pro_loss, provided=("mask",), layout="groups")
 def _pro_from_batch(batch: GroupBatch, **hparams) -> ListLossResult:
     """PRO: reward-scaled Plackett-Luce on mean log-probs plus an SFT term on the best response."""
     stages, has_stage, sft, _ = _pro_terms(batch.logps(mean=True), batch.scores, batch.logps(mean=False),
@@ -216,7 +218,8 @@ def _pro_from_batch(batch: GroupBatch, **hparams) -> ListLossResult:
     return ListLossResult(stages.sum(1) + sft, _detached_rewards(batch.logps(mean=True), batch.mask), metrics)
 
 
-@register("dpo_plackett_luce", reference="required", layout="groups")
+@register("dpo_plackett_luce", function=dpo_plackett_luce_loss, provided=("mask",), reference="required",
+          layout="groups")
 def _dpo_pl_from_batch(batch: GroupBatch, **hparams) -> ListLossResult:
     """DPO-Plackett-Luce: List-MLE of the ranking on beta * summed log-ratios (K = 2: DPO)."""
     out = dpo_plackett_luce_loss(batch.logps(mean=False), batch.ref_logps(mean=False), batch.scores,
@@ -224,7 +227,7 @@ def _dpo_pl_from_batch(batch: GroupBatch, **hparams) -> ListLossResult:
     return ListLossResult(*out)
 
 
-@register("lipo_lambda", reference="required", layout="groups")
+@register("lipo_lambda", function=lipo_lambda_loss, provided=("mask",), reference="required", layout="groups")
 def _lipo_from_batch(batch: GroupBatch, **hparams) -> ListLossResult:
     """LiPO-lambda: DCG-lambda-weighted pairwise logistic loss on beta * summed log-ratios."""
     out = lipo_lambda_loss(batch.logps(mean=False), batch.ref_logps(mean=False), batch.scores,

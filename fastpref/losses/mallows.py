@@ -4,7 +4,8 @@ The scale ``psi(x) = -log phi(x) > 0`` ("neg-log dispersion") multiplies the imp
 It is estimated from the REFERENCE model's next-token entropy on the two responses
 (:func:`neg_log_dispersion`) and carries no gradient. ``psi == 1`` recovers DPO / IPO exactly.
 
-Margin (official code, LOSSES.md §2.2), with ``r`` the (mean or summed) policy log-prob::
+Margin (official code; docs/losses.md, section ``mallows_dpo``), with ``r`` the (mean or summed) policy
+log-prob::
 
     h = (r_w - r_l) - a (r_ref_w - r_ref_l) - (1 - a) gamma'      with reference mixing a
     h = (r_w - r_l) - (r_ref_w - r_ref_l) - gamma'                 otherwise
@@ -22,14 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from ._common import (
-    check_label_smoothing,
-    check_pair,
-    check_positive,
-    detached,
-    reduce,
-    smoothed_logistic,
-)
+from ._common import check_label_smoothing, check_pair, detached, reduce, smoothed_logistic
+from .checks import check_choice, check_non_negative, check_number, check_positive
 from .registry import LossResult, PairBatch, register
 
 DISPERSION_ESTIMATORS = ("mean", "paper_sum")
@@ -37,17 +32,36 @@ IPO_FORMS = ("mallowspo", "rainbowpo", "rainbowpo_modified")
 PHI_LINKS = ("kendall", "sigmoid")
 
 
+# A mean token entropy is at most log V; fp32 rounding of a (near-)uniform reference can exceed it slightly.
+_ROUNDING = 1e-3
+
+
 def _normalised_entropy(chosen_entropy, rejected_entropy, vocab_size: int, dispersion: str) -> torch.Tensor:
-    """``H_hat(x)`` in (0, 1]: the reference entropy of the pair normalised by ``log V``."""
-    if dispersion not in DISPERSION_ESTIMATORS:
-        _checks.fail("dispersion", f"must be one of {DISPERSION_ESTIMATORS}, got {dispersion!r}")
-    if not isinstance(vocab_size, int) or vocab_size < 2:
+    """``H_hat(x)`` in (0, 1): the reference entropy of the pair normalised by ``log V`` (so that psi > 0)."""
+    check_choice("dispersion", dispersion, DISPERSION_ESTIMATORS)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
         _checks.fail("vocab_size", f"must be an int >= 2, got {vocab_size!r}")
     _checks.per_example("chosen_entropy", chosen_entropy)
     _checks.per_example("rejected_entropy", rejected_entropy, chosen_entropy, like_name="chosen_entropy")
     # "mean": per-sequence mean token entropies, each / log V, averaged (official code).
     # "paper_sum": summed token entropies of both responses / (2 log V) (paper; not length-invariant).
-    return (chosen_entropy.detach().float() + rejected_entropy.detach().float()) / (2 * math.log(vocab_size))
+    chosen, rejected = chosen_entropy.detach().float(), rejected_entropy.detach().float()
+    h_hat = (chosen + rejected) / (2 * math.log(vocab_size))
+    limit = 1 + _ROUNDING if dispersion == "mean" else 1.0
+    negative, nonfinite, too_big = torch.stack([
+        ((chosen < 0) | (rejected < 0)).any(), ~torch.isfinite(h_hat).all(), (h_hat >= limit).any()]).tolist()
+    if negative or nonfinite:
+        _checks.fail("chosen_entropy", "and `rejected_entropy` must be finite and non-negative (nats)")
+    if too_big and dispersion == "mean":
+        _checks.fail("chosen_entropy", f"and `rejected_entropy` exceed log V = {math.log(vocab_size):.4g} for some "
+                                       "pairs, which per-token MEAN entropies cannot: they look SUMMED over the "
+                                       "tokens. Pass means (divide by the token counts), or dispersion='paper_sum' "
+                                       "(the paper's estimator for summed entropies)")
+    if too_big:
+        _checks.fail("dispersion", "='paper_sum' gives psi <= 0 for some pairs: their summed entropies exceed "
+                                   "log V (long responses), which would flip the loss. Use dispersion='mean' "
+                                   "with per-token mean entropies (the official estimator)")
+    return h_hat.clamp(max=1 - 1e-6)  # rounding above log V: a (near-)uniform reference, psi ~ 0
 
 
 def neg_log_dispersion(
@@ -70,8 +84,11 @@ def neg_log_dispersion(
         c: scale; 0.29 is the official constant (set offline so that the dataset mean of psi is ~1;
             see :func:`calibrate_dispersion_c`).
 
-    ``H_hat = (Hn_w + Hn_l) / 2`` with ``Hn = H / log V``; an entropy of 0 is clamped to 1e-12.
+    ``H_hat = (Hn_w + Hn_l) / 2`` with ``Hn = H / log V``; an entropy of 0 is clamped to 1e-12. psi
+    must be positive: mean entropies above ``log V`` (summed ones passed as means) and ``"paper_sum"``
+    entropies giving ``H_hat >= 1`` are refused, saying which estimator fits.
     """
+    check_positive("c", c)
     h_hat = _normalised_entropy(chosen_entropy, rejected_entropy, vocab_size, dispersion)
     return -c * torch.log(h_hat.clamp(min=1e-12))
 
@@ -120,13 +137,15 @@ def _rewards(beta, pc, pr, rc, rr):
     return detached(beta * chosen, beta * rejected)
 
 
-def _check_mallows(pc, pr, rc, rr, psi, beta, mixing_alpha):
+def _check_mallows(pc, pr, rc, rr, psi, beta, mixing_alpha, home_advantage):
     check_pair(pc, pr, rc, rr)
     check_positive("beta", beta)
     if isinstance(psi, torch.Tensor) and psi.dim() > 0:
         _checks.per_example("neg_log_dispersion", psi, pc)
-    if mixing_alpha is not None and not 0 <= mixing_alpha <= 1:
-        _checks.fail("mixing_alpha", f"must be in [0, 1] or None, got {mixing_alpha!r}")
+    check_positive("neg_log_dispersion", psi)  # psi = -log(phi) > 0; psi <= 0 would flip or flatten the loss
+    if mixing_alpha is not None:
+        check_number("mixing_alpha", mixing_alpha, low=0, high=1)
+    check_non_negative("home_advantage", home_advantage)
     return psi.detach() if isinstance(psi, torch.Tensor) else psi
 
 
@@ -162,8 +181,10 @@ def mallows_dpo_loss(
     Returns ``(losses, chosen_rewards, rejected_rewards)``, rewards ``beta * (r - r_ref)`` without psi.
     """
     pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    psi = _check_mallows(pc, pr, rc, rr, neg_log_dispersion, beta, mixing_alpha)
+    psi = _check_mallows(pc, pr, rc, rr, neg_log_dispersion, beta, mixing_alpha, home_advantage)
     check_label_smoothing(label_smoothing)
+    _checks.flag("add_sft_loss", add_sft_loss)
+    check_non_negative("sft_coef", sft_coef)
     h = mallows_margin(pc, pr, rc, rr, home_advantage=home_advantage, mixing_alpha=mixing_alpha)
     losses = smoothed_logistic(beta * h * psi, label_smoothing)
     if add_sft_loss:
@@ -192,16 +213,15 @@ def mallows_ipo_loss(
     default; the RainbowPO IPO runs used 1 or 0.1.
     """
     pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    psi = _check_mallows(pc, pr, rc, rr, neg_log_dispersion, beta, mixing_alpha)
+    psi = _check_mallows(pc, pr, rc, rr, neg_log_dispersion, beta, mixing_alpha, home_advantage)
+    check_choice("form", form, IPO_FORMS)
     h = mallows_margin(pc, pr, rc, rr, home_advantage=home_advantage, mixing_alpha=mixing_alpha)
     if form == "mallowspo":
         losses = (psi * h - 1 / (2 * beta)) ** 2
     elif form == "rainbowpo":
         losses = (beta * psi * h - 0.5) ** 2
-    elif form == "rainbowpo_modified":
-        losses = torch.relu(0.5 - beta * psi * h) ** 2
     else:
-        _checks.fail("form", f"must be one of {IPO_FORMS}, got {form!r}")
+        losses = torch.relu(0.5 - beta * psi * h) ** 2
     return (reduce(losses, reduction), *_rewards(beta, pc, pr, rc, rr))
 
 
@@ -272,19 +292,22 @@ def mallows_phi_dpo_loss(
     ``sigma(-log(phi) s) = sigma(psi s)``, which equals :func:`mallows_dpo_loss`.
     """
     pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    psi = _check_mallows(pc, pr, rc, rr, neg_log_dispersion, beta, mixing_alpha)
+    psi = _check_mallows(pc, pr, rc, rr, neg_log_dispersion, beta, mixing_alpha, home_advantage)
     check_positive("s0", s0)
+    check_choice("link", link, PHI_LINKS)
     h = mallows_margin(pc, pr, rc, rr, home_advantage=home_advantage, mixing_alpha=mixing_alpha)
     if link == "sigmoid":
         losses = -F.logsigmoid(beta * h * psi)
-    elif link == "kendall":
-        losses = -kendall_link(beta * h, psi, s0)[0]
     else:
-        _checks.fail("link", f"must be one of {PHI_LINKS}, got {link!r}")
+        losses = -kendall_link(beta * h, psi, s0)[0]
     return (reduce(losses, reduction), *_rewards(beta, pc, pr, rc, rr))
 
 
 # ---- fused front-door adapters (see fastpref.losses.registry) ----
+
+
+_MALLOWS_OPTIONS = ("length_normalization", "reference_free", "dispersion", "dispersion_c")
+_MALLOWS_NEEDS = dict(reference="optional", ref_entropy=True)
 
 
 def _mallows_inputs(batch: PairBatch, hparams: dict):
@@ -292,13 +315,19 @@ def _mallows_inputs(batch: PairBatch, hparams: dict):
 
     ``length_normalization`` (default True: per-token mean log-probs), ``reference_free`` (default
     True, the official config), ``dispersion`` ("mean" / "paper_sum"), ``dispersion_c`` (0.29), or a
-    precomputed ``neg_log_dispersion``.
+    precomputed ``neg_log_dispersion`` (then ``dispersion`` / ``dispersion_c``, which only estimate psi,
+    are refused rather than ignored).
     """
-    mean = hparams.pop("length_normalization", True)
-    reference_free = hparams.pop("reference_free")  # resolved by the front door (LossSpec.uses_reference)
+    mean = _checks.flag("length_normalization", hparams.pop("length_normalization", True))
+    reference_free = hparams.pop("reference_free")  # resolved by the front door (fastpref.needs)
+    psi = hparams.pop("neg_log_dispersion", None)
+    if psi is not None:
+        for name in ("dispersion", "dispersion_c"):
+            if name in hparams:
+                _checks.fail(name, "estimates psi, but `neg_log_dispersion` (psi itself) is given; pass one")
     dispersion = hparams.pop("dispersion", "mean")
     c = hparams.pop("dispersion_c", 0.29)
-    psi = hparams.pop("neg_log_dispersion", None)
+    check_positive("dispersion_c", c)
     if psi is None:
         chosen_h, rejected_h = batch.ref_entropy(mean=dispersion == "mean")
         psi = neg_log_dispersion(chosen_h, rejected_h, vocab_size=batch.vocab_size, c=c, dispersion=dispersion)
@@ -309,21 +338,21 @@ def _mallows_inputs(batch: PairBatch, hparams: dict):
     return (pc, pr, rc, rr), psi, metrics
 
 
-@register("mallows_dpo", reference="optional", ref_entropy=True)
+@register("mallows_dpo", function=mallows_dpo_loss, options=_MALLOWS_OPTIONS, **_MALLOWS_NEEDS)
 def _mallows_dpo_from_batch(batch: PairBatch, **hparams) -> LossResult:
     """MallowsPO-theta: DPO/SimPO margin scaled by the reference-entropy dispersion psi(x)."""
     inputs, psi, metrics = _mallows_inputs(batch, hparams)
     return LossResult(*mallows_dpo_loss(*inputs, neg_log_dispersion=psi, reduction="none", **hparams), metrics)
 
 
-@register("mallows_ipo", reference="optional", ref_entropy=True)
+@register("mallows_ipo", function=mallows_ipo_loss, options=_MALLOWS_OPTIONS, **_MALLOWS_NEEDS)
 def _mallows_ipo_from_batch(batch: PairBatch, **hparams) -> LossResult:
     """MallowsIPO: IPO's squared loss on the dispersion-scaled margin."""
     inputs, psi, metrics = _mallows_inputs(batch, hparams)
     return LossResult(*mallows_ipo_loss(*inputs, neg_log_dispersion=psi, reduction="none", **hparams), metrics)
 
 
-@register("mallows_phi_dpo", reference="optional", ref_entropy=True)
+@register("mallows_phi_dpo", function=mallows_phi_dpo_loss, options=_MALLOWS_OPTIONS, **_MALLOWS_NEEDS)
 def _mallows_phi_from_batch(batch: PairBatch, **hparams) -> LossResult:
     """MallowsPO-phi: the Mallows-phi (Kendall) pairwise link, smoothed near 0."""
     inputs, psi, metrics = _mallows_inputs(batch, hparams)

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from .. import _checks
 from ._common import reduce
-from ._lists import list_mask, masked_mean, ordered_pairs, ranked
+from .checks import check_choice
+from .lists import list_mask, masked_mean, ordered_pairs, ranked
 from .listwise import plackett_luce_nll
 from .reference_free import log1mexp
 from .registry import GroupBatch, ListLossResult, register
@@ -50,7 +51,7 @@ def _register(name: str, fn) -> None:
         return ListLossResult(*fn(batch.logps(mean=True), batch.scores, mask=batch.mask, reduction="none", **hparams))
 
     compute.__doc__ = fn.__doc__
-    register(name, layout="groups")(compute)
+    register(name, function=fn, provided=("mask",), layout="groups")(compute)
 
 
 def mppo_point_ce_loss(
@@ -62,10 +63,12 @@ def mppo_point_ce_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""MPPO Point-CE: ``-E[s log p + (1 - s) log(1 - p)]``, ``p = exp(A)``, targets ``s = scores`` in [0, 1].
 
-    The paper divides UltraFeedback's 1-10 scores by 10. Per prompt: the mean over its responses.
-    ``log(1 - p)`` uses ``log1mexp`` (``A`` capped just below 0, so ``p = 1`` gives a large finite loss).
+    The paper divides UltraFeedback's 1-10 scores by 10; scores outside [0, 1] are refused. Per prompt:
+    the mean over its responses. ``log(1 - p)`` uses ``log1mexp`` (``A`` capped just below 0, so ``p = 1``
+    gives a large finite loss).
     """
-    mask = list_mask(policy_logps, mask, scores, scores_required="MPPO Point-CE (targets in [0, 1])")
+    mask = list_mask(policy_logps, mask, scores, scores_required="MPPO Point-CE (targets in [0, 1])",
+                     unit_scores=True)
     a = policy_logps
     log_not_p = log1mexp(a.clamp(max=-torch.finfo(a.dtype).tiny))
     per_response = -(scores * a + (1 - scores) * log_not_p)
@@ -84,10 +87,11 @@ def mppo_point_mse_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""MPPO Point-MSE: ``E[(s - p)^2]``, ``p = exp(A)``, targets ``s = scores`` in [0, 1].
 
-    The paper prints a leading minus, a typo (minimising it would push p away from s).
-    Per prompt: the mean over its responses.
+    The paper prints a leading minus, a typo (minimising it would push p away from s). Scores outside
+    [0, 1] are refused. Per prompt: the mean over its responses.
     """
-    mask = list_mask(policy_logps, mask, scores, scores_required="MPPO Point-MSE (targets in [0, 1])")
+    mask = list_mask(policy_logps, mask, scores, scores_required="MPPO Point-MSE (targets in [0, 1])",
+                     unit_scores=True)
     per_response = (scores - torch.exp(policy_logps)) ** 2
     return reduce(masked_mean(per_response, mask), reduction), _rewards(policy_logps, mask)
 
@@ -112,14 +116,17 @@ def mppo_pair_single_loss(
     """
     mask, mask_s, _, p = _likelihoods(policy_logps, scores, mask)
     rest = _negatives(mask_s)
+    check_choice("negative", negative, NEGATIVES)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        _checks.fail("generator", f"must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and negative != "random":
+        _checks.fail("generator", f"draws the random negative; negative={negative!r} draws none")
     if negative == "random":
         device = generator.device if generator is not None else p.device
         u = torch.rand(p.shape, generator=generator, device=device).to(p.device)
         pick = u.masked_fill(~rest, -1.0).argmax(1)
-    elif negative == "worst":
-        pick = mask_s.sum(1) - 1
     else:
-        _checks.fail("negative", f"must be one of {NEGATIVES}, got {negative!r}")
+        pick = mask_s.sum(1) - 1
     losses = -F.logsigmoid(p[:, 0] - p.gather(1, pick[:, None])[:, 0])
     return reduce(losses, reduction), _rewards(policy_logps, mask)
 

@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from .. import _checks
 from ._common import (
     check_label_smoothing,
+    check_num_tokens,
     check_pair,
-    check_positive,
     detached,
     logratios,
     reduce,
     smoothed_logistic,
 )
+from .checks import as_bool_labels, check_choice, check_non_negative, check_number, check_positive
 from .registry import LossResult, PairBatch, register
 
 DPO_LOSS_TYPES = (
@@ -30,6 +31,7 @@ DPO_LOSS_TYPES = (
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+SMOOTHED_LOSS_TYPES = ("sigmoid", "exo_pair", "robust", "aot", "aot_unpaired")  # those that read label_smoothing
 
 
 def f_divergence_scores(logratio: torch.Tensor, f_divergence_type: str, alpha: float = 0.5) -> torch.Tensor:
@@ -45,7 +47,7 @@ def f_divergence_scores(logratio: torch.Tensor, f_divergence_type: str, alpha: f
         t = ((alpha - 1) * logratio).to(torch.promote_types(logratio.dtype, torch.float32))
         t = t.clamp(max=11.0 if logratio.dtype == torch.float16 else 80.0)
         return (torch.expm1(t) / (alpha - 1)).to(logratio.dtype)
-    _checks.fail("f_divergence_type", f"must be one of {F_DIVERGENCES}, got {f_divergence_type!r}")
+    check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
 
 
 def _dpo_terms(name, *, u, beta, eps, tau, chosen_lr, rejected_lr, delta_norm, logps, ref_logps, nll):
@@ -87,7 +89,7 @@ def _dpo_terms(name, *, u, beta, eps, tau, chosen_lr, rejected_lr, delta_norm, l
         return -F.logsigmoid(u) * (1 - mix) + torch.exp(-u) * mix
     if name == "sft":
         return nll.expand_as(u)
-    _checks.fail("loss_type", f"must be one of {DPO_LOSS_TYPES} (or a list of them), got {name!r}")
+    raise AssertionError(name)  # dpo_loss checked the names
 
 
 def dpo_loss(
@@ -114,7 +116,8 @@ def dpo_loss(
     (``label_smoothing`` > 0 gives cDPO: ``-(1-eps) log sigma(u) - eps log sigma(-u)``); ``hinge``,
     ``ipo``, ``exo_pair``, ``nca_pair``, ``robust``, ``bco_pair``, ``sppo_hard``, ``aot``,
     ``aot_unpaired``, ``apo_zero``, ``apo_down``, ``discopop``, ``sft`` and ``sigmoid_norm`` follow
-    TRL's formulas (see LOSSES.md §6.1). A list of loss types sums them with ``loss_weights``.
+    TRL's formulas (docs/losses.md, section ``dpo``). A list of loss types sums them with ``loss_weights``
+    (non-negative; default 1 each).
 
     Args:
         policy_chosen_logps, policy_rejected_logps: ``[B]`` summed log-probs of the policy.
@@ -131,18 +134,32 @@ def dpo_loss(
     """
     check_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     check_positive("beta", beta)
-    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
+    names = [loss_type] if isinstance(loss_type, str) else loss_type
+    if not isinstance(names, (list, tuple)) or not names:
+        _checks.fail("loss_type", f"must be a loss type or a non-empty list of them, got {loss_type!r}")
+    for name in names:
+        check_choice("loss_type", name, DPO_LOSS_TYPES)
+    weights = [1.0] * len(names) if loss_weights is None else loss_weights
+    if not isinstance(weights, (list, tuple)):
+        _checks.fail("loss_weights", f"must be a list of numbers, got {loss_weights!r}")
     if len(weights) != len(names):
         _checks.fail("loss_weights", f"has {len(weights)} entries for {len(names)} loss types")
+    for w in weights:
+        check_non_negative("loss_weights", w)
+    check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
+    check_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
+    check_positive("discopop_tau", discopop_tau)
     if "exo_pair" in names:
         check_label_smoothing(label_smoothing, lower_open=True)  # log(eps) needs eps > 0; TRL suggests 1e-3
     elif "robust" in names:
         check_label_smoothing(label_smoothing, upper=0.5)
     else:
-        check_label_smoothing(label_smoothing)
+        check_label_smoothing(label_smoothing, loss_types=names, smoothed=SMOOTHED_LOSS_TYPES)
     if (chosen_num_tokens is None) != (rejected_num_tokens is None):
         _checks.fail("chosen_num_tokens", "and `rejected_num_tokens` must be given together")
+    if chosen_num_tokens is not None:
+        check_num_tokens("chosen_num_tokens", chosen_num_tokens, policy_chosen_logps)
+        check_num_tokens("rejected_num_tokens", rejected_num_tokens, policy_chosen_logps)
     if "sft" in names and chosen_num_tokens is None:
         _checks.fail("chosen_num_tokens", "is required by loss_type 'sft' (token-mean NLL of the chosen responses)")
 
@@ -187,6 +204,7 @@ def dpop_loss(
     """
     check_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, reference="required")
     check_positive("beta", beta)
+    check_non_negative("dpop_lambda", dpop_lambda)
     chosen_lr = policy_chosen_logps - ref_chosen_logps
     rejected_lr = policy_rejected_logps - ref_rejected_logps
     penalty = dpop_lambda * torch.relu(ref_chosen_logps - policy_chosen_logps)
@@ -216,14 +234,22 @@ def mmpo_loss(
     check_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, reference="required")
     check_positive("beta", beta)
     if soft_labels is not None:
+        if chosen_scores is not None or rejected_scores is not None or bt_beta is not None:
+            _checks.fail("soft_labels", "and `chosen_scores`/`rejected_scores`/`bt_beta` are alternatives; pass one")
         _checks.per_example("soft_labels", soft_labels, policy_chosen_logps)
+        check_number("soft_labels", soft_labels, low=0, high=1)
         p = soft_labels
     elif chosen_scores is not None or rejected_scores is not None:
         _checks.per_example("chosen_scores", chosen_scores, policy_chosen_logps)
         _checks.per_example("rejected_scores", rejected_scores, policy_chosen_logps)
         if bt_beta is None:
             _checks.fail("bt_beta", "is required with chosen_scores/rejected_scores")
+        check_positive("bt_beta", bt_beta)
+        check_number("chosen_scores", chosen_scores)
+        check_number("rejected_scores", rejected_scores)
         p = torch.sigmoid(bt_beta * (chosen_scores - rejected_scores))
+    elif bt_beta is not None:
+        _checks.fail("bt_beta", "needs `chosen_scores` and `rejected_scores` (the quality scores it scales)")
     else:
         p = torch.ones_like(policy_chosen_logps)
     chosen_lr = policy_chosen_logps - ref_chosen_logps
@@ -259,19 +285,21 @@ def todo_loss(
     _checks.tensor("ties", ties, ndim=1)
     if ties.shape != policy_chosen_logps.shape:
         _checks.fail("ties", f"has shape {tuple(ties.shape)} but there are {policy_chosen_logps.shape[0]} pairs")
+    _checks.same_device("ties", ties, "policy_chosen_logps", policy_chosen_logps)
+    ties = as_bool_labels("ties", ties)
     chosen_lr = policy_chosen_logps - ref_chosen_logps
     rejected_lr = policy_rejected_logps - ref_rejected_logps
     u = beta * (chosen_lr - rejected_lr)
     non_tie = smoothed_logistic(u - tie_alpha, label_smoothing)
     tie = -math.log(math.expm1(2 * tie_alpha)) + F.softplus(tie_alpha + u) + F.softplus(tie_alpha - u)
-    losses = torch.where(ties.bool(), tie, non_tie)
+    losses = torch.where(ties, tie, non_tie)
     return (reduce(losses, reduction), *detached(beta * chosen_lr, beta * rejected_lr))
 
 
 # ---- fused front-door adapters (see fastpref.losses.registry) ----
 
 
-@register("dpo", reference="required")
+@register("dpo", function=dpo_loss, provided=("chosen_num_tokens", "rejected_num_tokens"), reference="required")
 def _dpo_from_batch(batch: PairBatch, **hparams) -> LossResult:
     """DPO and every TRL loss_type (summed log-probs; ipo / sigmoid_norm per-token normalised)."""
     nw, nl = batch.num_tokens
@@ -279,19 +307,19 @@ def _dpo_from_batch(batch: PairBatch, **hparams) -> LossResult:
     return LossResult(*out)
 
 
-@register("dpop", reference="required")
+@register("dpop", function=dpop_loss, reference="required")
 def _dpop_from_batch(batch: PairBatch, **hparams) -> LossResult:
     """DPO-Positive (Smaug): DPO with a penalty on chosen log-probs falling below the reference."""
     return LossResult(*dpop_loss(*batch.inputs(mean=False), reduction="none", **hparams))
 
 
-@register("mmpo", reference="required")
+@register("mmpo", function=mmpo_loss, reference="required")
 def _mmpo_from_batch(batch: PairBatch, **hparams) -> LossResult:
     """Margin-Matching PO: DPO against soft Bradley-Terry labels from quality scores."""
     return LossResult(*mmpo_loss(*batch.inputs(mean=False), reduction="none", **hparams))
 
 
-@register("todo", reference="required")
+@register("todo", function=todo_loss, reference="required")
 def _todo_from_batch(batch: PairBatch, **hparams) -> LossResult:
     """TODO: ternary preferences (ties) with a tie margin alpha."""
     return LossResult(*todo_loss(*batch.inputs(mean=False), reduction="none", **hparams))

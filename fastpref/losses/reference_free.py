@@ -2,9 +2,11 @@
 
 Same return convention as :mod:`fastpref.losses.pairwise`. The NLL term of CPO / ORPO / SimPO's
 optional SFT term is the token-mean cross-entropy of the chosen responses over the whole batch
-(``policy_nll_loss``, a scalar); the fused front door computes it, a caller of these functions passes
-it (or leaves it out to get the preference term alone). It is added to every per-pair loss, so the
-mean over pairs equals TRL's ``losses.mean() + alpha * nll``.
+(``policy_nll_loss``, a scalar); the fused front door computes it (on ``labels``, or on its own
+``nll_labels``), a caller of these functions passes it. Its weight switches it off explicitly
+(``cpo_alpha=0``, ``nll_weight=0``, SimPO's default ``sft_weight=0``); a nonzero weight without
+``policy_nll_loss`` is an error, not a silently dropped term. It is added to every per-pair loss, so
+the mean over pairs equals TRL's ``losses.mean() + alpha * nll``.
 """
 
 from __future__ import annotations
@@ -12,18 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _checks
-from ._common import check_label_smoothing, check_pair, check_positive, detached, reduce, smoothed_logistic
+from ._common import check_label_smoothing, check_pair, detached, reduce, smoothed_logistic, with_nll
+from .checks import check_choice, check_non_negative, check_number, check_positive
 from .registry import LossResult, PairBatch, register
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
-
-
-def _with_nll(losses: torch.Tensor, weight: float, nll: torch.Tensor | None) -> torch.Tensor:
-    if nll is None or not weight:
-        return losses
-    _checks.tensor("policy_nll_loss", nll, ndim=0)
-    return losses + weight * nll
+SIMPO_LOSS_TYPES = ("sigmoid", "hinge")
 
 
 def simpo_loss(
@@ -41,20 +37,21 @@ def simpo_loss(
     r"""SimPO: ``-log sigma(beta (A_w - A_l) - gamma)`` on MEAN log-probs ``A``, ``gamma = beta * gamma_beta_ratio``.
 
     ``loss_type="hinge"`` gives ``relu(1 - beta (A_w - A_l - gamma/beta))``. Defaults (``beta=2.0``,
-    ``gamma_beta_ratio=0.25``) are the official repository's; ``sft_weight`` adds
-    ``sft_weight * policy_nll_loss``. Rewards are ``beta * A``.
+    ``gamma_beta_ratio=0.25``) are the official repository's; ``sft_weight > 0`` adds
+    ``sft_weight * policy_nll_loss`` (then required). Rewards are ``beta * A``.
     """
     check_pair(policy_chosen_logps, policy_rejected_logps, reference="none")
     check_positive("beta", beta)
-    check_label_smoothing(label_smoothing)
+    check_non_negative("gamma_beta_ratio", gamma_beta_ratio)
+    check_choice("loss_type", loss_type, SIMPO_LOSS_TYPES)
+    check_label_smoothing(label_smoothing, loss_types=[loss_type], smoothed=("sigmoid",))
+    check_non_negative("sft_weight", sft_weight)
     logits = policy_chosen_logps - policy_rejected_logps - gamma_beta_ratio
     if loss_type == "sigmoid":
         losses = smoothed_logistic(beta * logits, label_smoothing)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * logits)
     else:
-        _checks.fail("loss_type", f"must be 'sigmoid' or 'hinge' for SimPO, got {loss_type!r}")
-    losses = _with_nll(losses, sft_weight, policy_nll_loss)
+        losses = torch.relu(1 - beta * logits)
+    losses = with_nll(losses, "sft_weight", sft_weight, policy_nll_loss)
     return (reduce(losses, reduction), *detached(beta * policy_chosen_logps, beta * policy_rejected_logps))
 
 
@@ -76,11 +73,16 @@ def cpo_loss(
     ``r`` is the log-prob (summed for ``sigmoid``/``hinge``, mean for ``ipo``/``simpo``: pass what the
     loss type expects), or AlphaPO's ``(1 - p^{-alpha}) / alpha`` with ``p = exp(logp)`` when
     ``alpha != 0``. ``loss_type``: ``sigmoid`` (+``label_smoothing``), ``hinge``, ``ipo``
-    (``(r_w - r_l - 1/(2 beta))^2``) or ``simpo`` (margin ``simpo_gamma / beta``).
+    (``(r_w - r_l - 1/(2 beta))^2``) or ``simpo`` (margin ``simpo_gamma / beta``). ``policy_nll_loss``
+    is required unless ``cpo_alpha=0`` (the preference term alone).
     """
     check_pair(policy_chosen_logps, policy_rejected_logps, reference="none")
     check_positive("beta", beta)
-    check_label_smoothing(label_smoothing)
+    check_choice("loss_type", loss_type, CPO_LOSS_TYPES)
+    check_label_smoothing(label_smoothing, loss_types=[loss_type], smoothed=("sigmoid", "simpo"))
+    check_non_negative("simpo_gamma", simpo_gamma)
+    check_number("alpha", alpha)
+    check_non_negative("cpo_alpha", cpo_alpha)
     if alpha:
         chosen_r = (1 - torch.exp(policy_chosen_logps).pow(-alpha)) / alpha
         rejected_r = (1 - torch.exp(policy_rejected_logps).pow(-alpha)) / alpha
@@ -93,11 +95,9 @@ def cpo_loss(
         losses = smoothed_logistic(beta * logits, label_smoothing)
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * logits)
-    elif loss_type == "ipo":
-        losses = (logits - 1 / (2 * beta)) ** 2
     else:
-        _checks.fail("loss_type", f"must be one of {CPO_LOSS_TYPES} for CPO, got {loss_type!r}")
-    losses = _with_nll(losses, cpo_alpha, policy_nll_loss)
+        losses = (logits - 1 / (2 * beta)) ** 2
+    losses = with_nll(losses, "cpo_alpha", cpo_alpha, policy_nll_loss)
     return (reduce(losses, reduction), *detached(beta * chosen_r, beta * rejected_r))
 
 
@@ -124,26 +124,29 @@ def orpo_loss(
     policy_rejected_logps: torch.Tensor,
     *,
     beta: float = 0.1,
+    nll_weight: float = 1.0,
     policy_nll_loss: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Odds-Ratio Preference Optimisation: ``NLL_w - beta * log sigma(log_odds)`` on MEAN log-probs.
+    r"""Odds-Ratio Preference Optimisation: ``nll_weight * NLL_w - beta * log sigma(log_odds)`` on MEAN log-probs.
 
-    ``log_odds`` is :func:`orpo_log_odds` (``beta`` is the paper's lambda, default 0.1). Rewards are
-    ``beta * A``. TRL logs ``log_odds_ratio = mean log sigma(log_odds)`` and
-    ``log_odds_chosen = mean log_odds``.
+    ``log_odds`` is :func:`orpo_log_odds` (``beta`` is the paper's lambda, default 0.1). ORPO is
+    ``nll_weight=1`` (TRL's ``ORPOTrainer``), which needs ``policy_nll_loss``; ``nll_weight=0`` is the
+    odds-ratio term alone (Liger's ``compute_nll_loss=False``). Rewards are ``beta * A``. TRL logs
+    ``log_odds_ratio = mean log sigma(log_odds)`` and ``log_odds_chosen = mean log_odds``.
     """
     check_pair(policy_chosen_logps, policy_rejected_logps, reference="none")
     check_positive("beta", beta)
+    check_non_negative("nll_weight", nll_weight)
     losses = -beta * F.logsigmoid(orpo_log_odds(policy_chosen_logps, policy_rejected_logps))
-    losses = _with_nll(losses, 1.0, policy_nll_loss)
+    losses = with_nll(losses, "nll_weight", nll_weight, policy_nll_loss)
     return (reduce(losses, reduction), *detached(beta * policy_chosen_logps, beta * policy_rejected_logps))
 
 
 # ---- fused front-door adapters (see fastpref.losses.registry) ----
 
 
-@register("simpo")
+@register("simpo", function=simpo_loss, provided=("policy_nll_loss",), nll_weight="sft_weight")
 def _simpo_from_batch(batch: PairBatch, **hparams) -> LossResult:
     """SimPO: length-normalised, reference-free, with a target margin gamma."""
     nll = batch.chosen_nll
@@ -151,7 +154,7 @@ def _simpo_from_batch(batch: PairBatch, **hparams) -> LossResult:
     return LossResult(losses, cr, rr, {"nll_loss": nll.detach()} if hparams.get("sft_weight") else {})
 
 
-@register("cpo")
+@register("cpo", function=cpo_loss, provided=("policy_nll_loss",), nll_weight="cpo_alpha")
 def _cpo_from_batch(batch: PairBatch, **hparams) -> LossResult:
     """CPO: reference-free sigmoid/hinge/ipo/simpo preference term plus the chosen NLL (AlphaPO with alpha)."""
     mean = hparams.get("loss_type", "sigmoid") in ("ipo", "simpo")  # as TRL's CPOTrainer averages them
@@ -160,7 +163,7 @@ def _cpo_from_batch(batch: PairBatch, **hparams) -> LossResult:
     return LossResult(losses, cr, rr, {"nll_loss": nll.detach()})
 
 
-@register("orpo")
+@register("orpo", function=orpo_loss, provided=("policy_nll_loss",), nll_weight="nll_weight")
 def _orpo_from_batch(batch: PairBatch, **hparams) -> LossResult:
     """ORPO: chosen NLL plus beta times the log-sigmoid of the odds ratio (mean log-probs)."""
     nll = batch.chosen_nll

@@ -1,138 +1,34 @@
 """The loss registry: a name -> how to run the loss on fused per-sequence statistics.
 
-Each entry says what level 1 must produce for the loss (scalar reference log-probs? reference
-entropy? per-token KL against the reference head?) and how the rows are grouped (its layout), so the
-fused front door computes only that, and holds a short adapter from the layout's batch to the loss
-function. Adapters live next to their loss functions (``@register`` in each loss module).
-
-Layouts (how the sequences of one batch map to examples):
-
-* ``"pairs"``: ``[chosen_1..chosen_B ; rejected_1..rejected_B]`` -> :class:`PairBatch`, adapters return
-  :class:`LossResult` (per-pair losses and rewards);
-* ``"groups"``: K responses per prompt, stored contiguously, ``group_sizes [B]``, best first or with
-  ``scores`` -> :class:`GroupBatch` (``[B, K]`` tensors and a mask), adapters return
-  :class:`ListLossResult` (per-prompt losses, per-response rewards);
-* ``"unpaired"``: single responses labelled desirable / undesirable, optionally followed by KTO's
-  mismatched KL rows -> :class:`UnpairedBatch`, adapters return :class:`LossResult` (per-example
-  losses; rewards of the desirable and of the undesirable examples).
+Each entry (:class:`LossSpec`) says what level 1 must produce for the loss (scalar reference
+log-probs? reference entropy? per-token KL against the reference head?), how the rows are grouped
+(its layout, :mod:`fastpref.layouts`), which hyperparameters it accepts, and holds a short adapter
+from the layout's batch to the functional loss. Adapters live next to their loss functions
+(``@register`` in each loss module); what level 1 runs for a call is decided by
+:func:`fastpref.needs.resolve_needs`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import NamedTuple
-
-import torch
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from .. import _checks
-from ..segments import SequenceStats
+from ..layouts import (  # noqa: F401  (the layout names and the adapters' batch and result types, re-exported)
+    LAYOUTS,
+    GroupBatch,
+    ListLossResult,
+    LossResult,
+    PairBatch,
+    UnpairedBatch,
+)
 
-
-LAYOUTS = ("pairs", "groups", "unpaired")
-
-
-class LossResult(NamedTuple):
-    """Unreduced per-example losses, detached per-example rewards, and loss-specific metrics."""
-
-    losses: torch.Tensor
-    chosen_rewards: torch.Tensor
-    rejected_rewards: torch.Tensor
-    metrics: dict[str, torch.Tensor] = {}
-
-
-class ListLossResult(NamedTuple):
-    """Unreduced per-prompt losses ``[B]``, detached per-response rewards ``[B, K]``, loss-specific metrics."""
-
-    losses: torch.Tensor
-    rewards: torch.Tensor
-    metrics: dict[str, torch.Tensor] = {}
-
-
-@dataclass
-class PairBatch:
-    """Per-sequence statistics of a ``[chosen; rejected]`` batch, split into halves, for the adapters.
-
-    Reference log-probs and entropies are stored SUMMED per sequence (TRL's precompute convention);
-    the accessors derive per-token means from the token counts.
-    """
-
-    chosen: SequenceStats
-    rejected: SequenceStats
-    ref_chosen_logps: torch.Tensor | None = None
-    ref_rejected_logps: torch.Tensor | None = None
-    ref_chosen_entropy: torch.Tensor | None = None
-    ref_rejected_entropy: torch.Tensor | None = None
-    vocab_size: int = 0
-    extras: dict = field(default_factory=dict)
-
-    def inputs(self, mean: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """``(policy_chosen, policy_rejected, ref_chosen, ref_rejected)`` log-probs, summed or per-token mean."""
-        return (*self.logps(mean), *self.ref_logps(mean))
-
-    def logps(self, mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if mean:
-            return self.chosen.mean_logp, self.rejected.mean_logp
-        return self.chosen.sum_logp, self.rejected.sum_logp
-
-    def ref_logps(self, mean: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if self.ref_chosen_logps is None:
-            return None, None
-        if mean:
-            return (self.ref_chosen_logps / self.chosen.num_tokens, self.ref_rejected_logps / self.rejected.num_tokens)
-        return self.ref_chosen_logps, self.ref_rejected_logps
-
-    def ref_entropy(self, mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if mean:
-            return (self.ref_chosen_entropy / self.chosen.num_tokens, self.ref_rejected_entropy / self.rejected.num_tokens)
-        return self.ref_chosen_entropy, self.ref_rejected_entropy
-
-    @property
-    def num_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.chosen.num_tokens, self.rejected.num_tokens
-
-    @property
-    def chosen_nll(self) -> torch.Tensor:
-        """Token-mean negative log-likelihood of the chosen responses over the batch (TRL's NLL term)."""
-        return -self.chosen.sum_logp.sum() / self.chosen.num_tokens.sum()
-
-
-@dataclass
-class GroupBatch:
-    """Per-sequence statistics of list data as ``[B, K]`` tensors (row b: prompt b's responses).
-
-    ``stats`` fields are padded (0 where ``mask`` is False; ``num_tokens`` 1 there). Responses are in
-    the caller's order: best first, unless ``scores`` (higher is better) say otherwise. Reference
-    log-probs are SUMMED per sequence.
-    """
-
-    stats: SequenceStats
-    mask: torch.Tensor
-    ref_sum_logps: torch.Tensor | None = None
-    scores: torch.Tensor | None = None
-
-    def logps(self, mean: bool) -> torch.Tensor:
-        return self.stats.mean_logp if mean else self.stats.sum_logp
-
-    def ref_logps(self, mean: bool) -> torch.Tensor | None:
-        if self.ref_sum_logps is None or not mean:
-            return self.ref_sum_logps
-        return self.ref_sum_logps / self.stats.num_tokens
-
-
-@dataclass
-class UnpairedBatch:
-    """Single responses with a desirable / undesirable label (KTO), and KTO's mismatched KL rows.
-
-    ``stats`` covers the ``n`` examples; ``kl_logps`` / ``ref_kl_logps`` are the SUMMED policy
-    (detached) and reference log-probs of the mismatched (prompt, completion) rows (None without them).
-    """
-
-    stats: SequenceStats
-    desirable: torch.Tensor
-    ref_sum_logps: torch.Tensor | None = None
-    kl_logps: torch.Tensor | None = None
-    ref_kl_logps: torch.Tensor | None = None
+# Accepted by every pairwise loss through the front door: WPO's weighting (see LossSpec.use_weighting).
+PAIR_OPTIONS = ("use_weighting",)
+# Arguments every adapter passes to its functional loss itself (never hyperparameters).
+ADAPTER_ARGUMENTS = ("reduction",)
 
 
 @dataclass(frozen=True)
@@ -140,36 +36,91 @@ class LossSpec:
     """What the fused front door needs to know to run a loss by name."""
 
     name: str
-    compute: Callable[..., LossResult]  # (batch, **hparams) -> LossResult
+    compute: Callable  # (batch, **hparams) -> LossResult / ListLossResult
+    function: Callable | None = None  # the functional loss the adapter calls (fastpref.<name>_loss)
+    hyperparameters: tuple[str, ...] = ()  # accepted keyword names, sorted (see check_hparams)
     # Scalar reference log-probs: "required", "none", or "optional" (used unless the hyperparameter
     # ``reference_free`` is True; its default is ``reference_free_default``).
     reference: str = "none"
     reference_free_default: bool = True
     ref_entropy: bool = False  # reference next-token entropy (MallowsPO's dispersion)
     kl: bool = False  # per-token KL(p_ref || p) from the reference head (TDPO)
-    layout: str = "pairs"  # how rows are grouped: one of LAYOUTS
+    layout: str = "pairs"  # how rows are grouped: one of fastpref.layouts.LAYOUTS
     token_weights: bool = False  # accepts per-token logp_weights / kl_weights (SparsePO-style masks)
-    summary: str = ""
+    nll_weight: str | None = None  # the hyperparameter weighting the loss's NLL term (None: no NLL term)
 
-    def uses_reference(self, hparams: dict) -> bool:
+    def check_hparams(self, hparams: Mapping) -> None:
+        """``ValueError`` for a name the loss does not accept (listing those it does), or a bad front-door option.
+
+        Names only for the loss's own hyperparameters (their values are checked by the loss function
+        when it runs); ``use_weighting`` and ``reference_free``, read before the fused pass, are
+        checked here too.
+        """
+        self.use_weighting(hparams)  # first: its own message for the losses WPO cannot weight
+        for key in hparams:
+            if key not in self.hyperparameters and key != "use_weighting":
+                close = difflib.get_close_matches(key, self.hyperparameters, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                _checks.fail(key, f"is not a hyperparameter of loss {self.name!r}{hint}; it accepts: "
+                                  f"{', '.join(self.hyperparameters) or 'none'}")
+        self.reference_free(hparams)
+
+    def reference_free(self, hparams: Mapping) -> bool | None:
+        """The resolved ``reference_free`` of an "optional"-reference loss (None for the others)."""
+        if self.reference != "optional":
+            return None
+        return _checks.flag("reference_free", hparams.get("reference_free", self.reference_free_default))
+
+    def uses_reference(self, hparams: Mapping) -> bool:
+        """Whether the loss uses reference log-probs with these hyperparameters."""
         if self.reference == "optional":
-            return not hparams.get("reference_free", self.reference_free_default)
+            return not self.reference_free(hparams)
         return self.reference == "required"
+
+    def uses_nll(self, hparams: Mapping) -> bool:
+        """Whether the loss's NLL term is on (its weight, e.g. ``cpo_alpha``, is nonzero)."""
+        if self.nll_weight is None:
+            return False
+        default = inspect.signature(self.function).parameters[self.nll_weight].default
+        return bool(hparams.get(self.nll_weight, default))
+
+    def use_weighting(self, hparams: Mapping) -> bool:
+        """WPO's ``use_weighting``: pairwise losses only, and not the batch-sorting AOT losses."""
+        if not _checks.flag("use_weighting", hparams.get("use_weighting", False)):
+            return False
+        if self.layout != "pairs":
+            _checks.fail("use_weighting", f"(WPO) weights preference pairs; loss {self.name!r} takes {self.layout!r}")
+        loss_types = hparams.get("loss_type", ())
+        loss_types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
+        if {"aot", "aot_unpaired"} & set(loss_types):
+            _checks.fail("use_weighting", "cannot weight 'aot'/'aot_unpaired': they sort the batch, misaligning pairs")
+        return True
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register(name: str, **spec) -> Callable:
-    """Decorator: register ``compute(batch, **hparams)`` under ``name`` (``spec``: :class:`LossSpec` fields)."""
+def register(name: str, *, function: Callable, provided: tuple[str, ...] = (), options: tuple[str, ...] = (),
+             **spec) -> Callable:
+    """Decorator: register ``compute(batch, **hparams)`` under ``name``.
+
+    ``function`` is the functional loss the adapter calls: its keyword-only parameters are the
+    loss's hyperparameters, except ``provided`` (what the adapter passes itself, e.g. ``mask``,
+    ``policy_nll_loss``) and ``reduction``; ``options`` are the adapter's own extra ones (e.g.
+    MallowsPO's ``length_normalization``). ``spec``: the other :class:`LossSpec` fields.
+    """
 
     def wrap(compute: Callable) -> Callable:
         if name in LOSSES:
             raise RuntimeError(f"loss {name!r} registered twice")
         if spec.get("layout", "pairs") not in LAYOUTS:
             raise RuntimeError(f"loss {name!r}: layout must be one of {LAYOUTS}, got {spec['layout']!r}")
-        summary = (compute.__doc__ or "").strip().splitlines()[0] if compute.__doc__ else ""
-        LOSSES[name] = LossSpec(name=name, compute=compute, summary=summary, **spec)
+        skip = set(provided) | set(ADAPTER_ARGUMENTS)
+        keywords = [p.name for p in inspect.signature(function).parameters.values()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in skip]
+        extra = set(options) | (set(PAIR_OPTIONS) if spec.get("layout", "pairs") == "pairs" else set())
+        accepted = tuple(sorted(set(keywords) | extra))
+        LOSSES[name] = LossSpec(name=name, compute=compute, function=function, hyperparameters=accepted, **spec)
         return compute
 
     return wrap
@@ -177,7 +128,7 @@ def register(name: str, **spec) -> Callable:
 
 def get_loss(name: str) -> LossSpec:
     """The :class:`LossSpec` registered under ``name`` (``ValueError`` listing the names otherwise)."""
-    if name not in LOSSES:
+    if not isinstance(name, str) or name not in LOSSES:
         _checks.fail("loss", f"must be one of {sorted(LOSSES)}, got {name!r}")
     return LOSSES[name]
 

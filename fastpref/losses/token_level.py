@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from ._common import check_pair, check_positive, detached, reduce
+from ._common import check_pair, detached, reduce
+from .checks import check_non_negative, check_positive
 from .registry import LossResult, PairBatch, register
 
 
@@ -46,6 +47,8 @@ def tdpo_loss(
     _checks.per_example("chosen_kl", chosen_kl, policy_chosen_logps)
     _checks.per_example("rejected_kl", rejected_kl, policy_chosen_logps)
     check_positive("beta", beta)
+    check_non_negative("alpha", alpha)
+    _checks.flag("tdpo2", tdpo2)
     chosen_lr = policy_chosen_logps - ref_chosen_logps
     rejected_lr = policy_rejected_logps - ref_rejected_logps
     if tdpo2:
@@ -56,10 +59,43 @@ def tdpo_loss(
     return (reduce(losses, reduction), *detached(beta * (chosen_lr + chosen_kl), beta * (rejected_lr + rejected_kl)))
 
 
+def tdpo1_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_kl: torch.Tensor,
+    rejected_kl: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""TDPO1, ``-log sigma(beta ((rho_w - rho_l) - (D_l - D_w)))``: :func:`tdpo_loss` with ``tdpo2=False``."""
+    return tdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_kl,
+                     rejected_kl, beta=beta, tdpo2=False, reduction=reduction)
+
+
+def tdpo2_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_kl: torch.Tensor,
+    rejected_kl: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    alpha: float = 0.5,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""TDPO2: ``-log sigma(beta ((rho_w - rho_l) - alpha (D_l - sg(D_w))))`` (:func:`tdpo_loss`, the default)."""
+    return tdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_kl,
+                     rejected_kl, beta=beta, alpha=alpha, tdpo2=True, reduction=reduction)
+
+
 # ---- fused front-door adapters (see fastpref.losses.registry) ----
 
 
-def _tdpo_from_batch(batch: PairBatch, *, tdpo2: bool, **hparams) -> LossResult:
+def _tdpo_from_batch(batch: PairBatch, function, **hparams) -> LossResult:
     """Summed (or token-weighted) log-ratios and KL sums into :func:`tdpo_loss`, plus TDPO's KL metrics."""
     chosen, rejected = batch.chosen, batch.rejected
     if chosen.weighted_sum_logp is not None:  # SparsePO-style weights on both the policy and the reference
@@ -71,19 +107,19 @@ def _tdpo_from_batch(batch: PairBatch, *, tdpo2: bool, **hparams) -> LossResult:
         kl_w, kl_l = chosen.weighted_sum_kl, rejected.weighted_sum_kl
     else:
         kl_w, kl_l = chosen.sum_kl, rejected.sum_kl
-    out = tdpo_loss(*logps, kl_w, kl_l, tdpo2=tdpo2, reduction="none", **hparams)
+    out = function(*logps, kl_w, kl_l, reduction="none", **hparams)
     kl_w, kl_l = detached(kl_w, kl_l)
     metrics = {"kl/chosen": kl_w.mean(), "kl/rejected": kl_l.mean(), "kl/margin": (kl_w - kl_l).mean()}
     return LossResult(*out, metrics)
 
 
-@register("tdpo1", reference="required", kl=True, token_weights=True)
+@register("tdpo1", function=tdpo1_loss, reference="required", kl=True, token_weights=True)
 def _tdpo1_from_batch(batch: PairBatch, **hparams) -> LossResult:
     """TDPO1: DPO margin minus the sequential-KL difference D_l - D_w (with token weights: SparsePO)."""
-    return _tdpo_from_batch(batch, tdpo2=False, **hparams)
+    return _tdpo_from_batch(batch, tdpo1_loss, **hparams)
 
 
-@register("tdpo2", reference="required", kl=True, token_weights=True)
+@register("tdpo2", function=tdpo2_loss, reference="required", kl=True, token_weights=True)
 def _tdpo2_from_batch(batch: PairBatch, **hparams) -> LossResult:
     """TDPO2: DPO margin minus alpha (D_l - sg(D_w)); the official default."""
-    return _tdpo_from_batch(batch, tdpo2=True, **hparams)
+    return _tdpo_from_batch(batch, tdpo2_loss, **hparams)

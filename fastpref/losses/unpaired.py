@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from ._common import check_positive, reduce
+from ._common import reduce
+from .checks import as_bool_labels, check_choice, check_non_negative, check_positive
 from .registry import LossResult, UnpairedBatch, register
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -54,7 +55,7 @@ def kto_loss(
 
     ``z = kl`` (see :func:`kto_kl_estimate`; detached), required by ``loss_type="kto"``.
     ``loss_type="apo_zero_unpaired"``: ``1 - sigma(beta rho)`` / ``sigma(beta rho)``, no ``z``.
-    ``desirable [n]`` is bool (or 0/1). The mean over all examples is TRL's ``losses.nanmean()``;
+    ``desirable [n]`` is bool (or 0/1 integers). The mean over all examples is TRL's ``losses.nanmean()``;
     ``reduction="none"`` keeps the input order. Defaults are TRL's.
 
     Returns ``(losses, rewards)`` with per-example rewards ``beta * rho`` (detached).
@@ -65,31 +66,41 @@ def kto_loss(
     if desirable.shape != policy_logps.shape:
         _checks.fail("desirable", f"has shape {tuple(desirable.shape)} but `policy_logps` has "
                                   f"{tuple(policy_logps.shape)}")
+    _checks.same_device("desirable", desirable, "policy_logps", policy_logps)
     if policy_logps.numel() == 0:
         _checks.fail("policy_logps", "is empty: KTO needs at least one example")
+    desirable = as_bool_labels("desirable", desirable)
     check_positive("beta", beta)
+    check_non_negative("desirable_weight", desirable_weight)
+    check_non_negative("undesirable_weight", undesirable_weight)
+    check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
     rho = policy_logps - ref_logps
     if loss_type == "kto":
         if kl is None:
             _checks.fail("kl", "is required by loss_type 'kto': the reference point z (see kto_kl_estimate)")
+        check_non_negative("kl", kl)  # z = max(0, KL estimate)
         z = torch.as_tensor(kl, dtype=rho.dtype, device=rho.device).detach()
         chosen, rejected = 1 - torch.sigmoid(beta * (rho - z)), 1 - torch.sigmoid(beta * (z - rho))
-    elif loss_type == "apo_zero_unpaired":
-        chosen, rejected = 1 - torch.sigmoid(beta * rho), torch.sigmoid(beta * rho)
     else:
-        _checks.fail("loss_type", f"must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
-    losses = torch.where(desirable.bool(), desirable_weight * chosen, undesirable_weight * rejected)
+        if kl is not None:
+            _checks.fail("kl", "is not used by loss_type 'apo_zero_unpaired' (it has no reference point)")
+        chosen, rejected = 1 - torch.sigmoid(beta * rho), torch.sigmoid(beta * rho)
+    losses = torch.where(desirable, desirable_weight * chosen, undesirable_weight * rejected)
     return reduce(losses, reduction), (beta * rho).detach()
 
 
 # ---- fused front-door adapter (see fastpref.losses.registry) ----
 
 
-@register("kto", reference="required", layout="unpaired")
+@register("kto", function=kto_loss, reference="required", layout="unpaired")
 def _kto_from_batch(batch: UnpairedBatch, **hparams) -> LossResult:
     """KTO: unpaired desirable/undesirable responses against the mismatched-pair KL reference point."""
     kl = hparams.pop("kl", None)
-    if kl is None and hparams.get("loss_type", "kto") == "kto":
+    uses_z = hparams.get("loss_type", "kto") == "kto"
+    if batch.kl_logps is not None and (kl is not None or not uses_z):
+        why = "the reference point `kl` is given" if kl is not None else "loss_type 'apo_zero_unpaired' has no z"
+        _checks.fail("num_kl_rows", f"> 0, but the KL rows would not be used: {why}")
+    if kl is None and uses_z:
         if batch.kl_logps is None:
             _checks.fail("num_kl_rows", "is 0: loss 'kto' needs mismatched KL rows after the examples "
                                         "(or a precomputed reference point `kl`)")

@@ -31,11 +31,13 @@ def list_mask(
     *,
     name: str = "policy_logps",
     scores_required: str | None = None,
+    unit_scores: bool = False,
 ) -> torch.Tensor:
     """Validates ``[B, K]`` list inputs; returns the mask (all True when None).
 
-    Every list needs two responses; ``scores`` must be finite. ``scores_required`` names the loss
-    when it cannot run without scores. One host synchronisation when ``mask`` or ``scores`` is given.
+    Every list needs two responses; ``scores`` must be finite (and in [0, 1] with ``unit_scores``, for
+    losses whose scores are targets). ``scores_required`` names the loss when it cannot run without
+    scores. One host synchronisation when ``mask`` or ``scores`` is given.
     """
     check_list(name, logps)
     batch, k = logps.shape
@@ -59,10 +61,16 @@ def list_mask(
             _checks.fail("mask", f"has shape {tuple(mask.shape)} but `{name}` has {tuple(logps.shape)}")
         _checks.same_device("mask", mask, name, logps)
         checks["mask"] = (mask.sum(1) < 2).any()
+    if scores is not None and unit_scores:
+        checks["unit"] = (((scores < 0) | (scores > 1)) & mask).any()
     if checks:
         bad = dict(zip(checks, torch.stack(list(checks.values())).tolist()))
         if bad.get("scores"):
             _checks.fail("scores", "contains NaN or Inf")
+        if bad.get("unit"):
+            _checks.fail("scores", f"must be in [0, 1] (targets for p = exp(mean logp)), got "
+                                   f"{scores[mask].flatten()[:8].tolist()}; rescale ratings first, e.g. 1-10 "
+                                   "scores divided by 10 as the MPPO paper does")
         if bad.get("mask"):
             short = (mask.sum(1) < 2).nonzero().flatten().tolist()
             _checks.fail("mask", f"leaves fewer than 2 responses in lists {short[:8]}; a list needs at least 2")

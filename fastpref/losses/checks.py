@@ -1,0 +1,80 @@
+"""Value checks for loss arguments, shared by the losses, the layouts and the fused front door.
+
+Every check raises a ``ValueError`` naming the argument (``fastpref: `beta` ...``). Numbers are real
+Python numbers or floating tensors; ``bool`` is not a number here (``True`` as a weight is a mistake),
+strings are never numbers, and NaN fails every range (it would pass a careless ``not x > 0``). Flags
+and integer options use :func:`fastpref._checks.flag` / :func:`fastpref._checks.integer`.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+from .. import _checks
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """A finite real number (or floating tensor, every entry) in the given range; ends closed unless ``*_open``.
+
+    A tensor costs one host synchronisation.
+    """
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+    hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+    where = f" in {lo or '(-inf'}, {hi or 'inf)'}" if low is not None or high is not None else ""
+    if isinstance(value, torch.Tensor):
+        if not value.dtype.is_floating_point:
+            _checks.fail(name, f"must be a real number or a floating tensor, got {_describe(value)}")
+        v = value.detach()
+        bad = ~torch.isfinite(v)
+        if low is not None:
+            bad = bad | ((v <= low) if low_open else (v < low))
+        if high is not None:
+            bad = bad | ((v >= high) if high_open else (v > high))
+        if bad.any():
+            _checks.fail(name, f"must be finite{where}, got values {v[bad].flatten()[:5].tolist()}")
+        return
+    if isinstance(value, bool) or not isinstance(value, Real):
+        _checks.fail(name, f"must be a real number, got {_describe(value)}")
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        _checks.fail(name, f"must be finite{where}, got {value!r}")
+
+
+def check_positive(name: str, value) -> None:
+    """A finite number (or floating tensor) > 0."""
+    check_number(name, value, low=0, low_open=True)
+
+
+def check_non_negative(name: str, value) -> None:
+    """A finite number (or floating tensor) >= 0."""
+    check_number(name, value, low=0)
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        _checks.fail(name, f"must be one of {choices}, got {value!r}")
+    return value
+
+
+def as_bool_labels(name: str, x) -> torch.Tensor:
+    """A 1-D bool tensor from bool or 0/1 integer labels (floats such as 0.5 are refused, not rounded)."""
+    _checks.tensor(name, x, ndim=1)
+    if x.dtype == torch.bool:
+        return x
+    if x.dtype.is_floating_point or x.dtype.is_complex or ((x != 0) & (x != 1)).any():
+        _checks.fail(name, f"must be bool or 0/1 integers, got {x.dtype}: {x.tolist()[:8]}")
+    return x.bool()

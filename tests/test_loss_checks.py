@@ -1,0 +1,173 @@
+"""Nothing silently wrong at levels 2-3: every wrong value is a ValueError naming the argument.
+
+Each case here used to be accepted (and trained something else than asked) or to fail obscurely.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import fastpref
+from oracle import make_batch
+
+A, B = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.5])
+RA, RB = torch.tensor([-3.5, -5.5]), torch.tensor([-4.2, -4.0])
+NAN = float("nan")
+
+
+def raises(arg, fn, *args, **kwargs):
+    with pytest.raises(ValueError, match=re.escape(f"`{arg}`")):
+        fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("beta", [torch.tensor(-0.1), torch.tensor([0.1, NAN]), "0.1", NAN, True, 0.0])
+def test_beta(beta):
+    raises("beta", fastpref.dpo_loss, A, B, RA, RB, beta=beta)
+    raises("beta", fastpref.simpo_loss, A, B, beta=beta)
+
+
+def test_tensor_beta_per_pair_is_honoured():
+    per_pair, _, _ = fastpref.dpo_loss(A, B, RA, RB, beta=torch.tensor([0.1, 0.3]), reduction="none")
+    first, _, _ = fastpref.dpo_loss(A[:1], B[:1], RA[:1], RB[:1], beta=0.1, reduction="none")
+    assert torch.allclose(per_pair[:1], first)
+
+
+def test_dpo_options():
+    raises("loss_type", fastpref.dpo_loss, A, B, RA, RB, loss_type=[])
+    raises("loss_type", fastpref.dpo_loss, A, B, RA, RB, loss_type=["sigmoid", 3])
+    raises("loss_weights", fastpref.dpo_loss, A, B, RA, RB, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, NAN])
+    raises("loss_weights", fastpref.dpo_loss, A, B, RA, RB, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, -1.0])
+    raises("label_smoothing", fastpref.dpo_loss, A, B, RA, RB, label_smoothing=NAN)
+    raises("discopop_tau", fastpref.dpo_loss, A, B, RA, RB, loss_type="discopop", discopop_tau=0.0)
+    raises("chosen_num_tokens", fastpref.dpo_loss, A, B, RA, RB, loss_type="ipo",
+           chosen_num_tokens=torch.tensor([3, 4, 5]), rejected_num_tokens=torch.tensor([3, 4]))
+    raises("chosen_num_tokens", fastpref.dpo_loss, A, B, RA, RB, loss_type="ipo",
+           chosen_num_tokens=torch.tensor([[3, 4]]), rejected_num_tokens=torch.tensor([3, 4]))
+    raises("label_smoothing", fastpref.dpo_loss, A, B, RA, RB, loss_type="hinge", label_smoothing=0.1)  # unused
+    smoothed, _, _ = fastpref.dpo_loss(A, B, RA, RB, loss_type=["hinge", "sigmoid"], label_smoothing=0.1)
+    assert torch.isfinite(smoothed)
+    raises("label_smoothing", fastpref.simpo_loss, A, B, loss_type="hinge", label_smoothing=0.1)
+    raises("label_smoothing", fastpref.cpo_loss, A, B, loss_type="ipo", label_smoothing=0.1, cpo_alpha=0.0)
+    raises("dpop_lambda", fastpref.dpop_loss, A, B, RA, RB, dpop_lambda=-1.0)
+    raises("tie_alpha", fastpref.todo_loss, A, B, RA, RB, ties=torch.tensor([0, 1]), tie_alpha=NAN)
+    raises("ties", fastpref.todo_loss, A, B, RA, RB, ties=torch.tensor([0.5, 1.0]))
+    raises("soft_labels", fastpref.mmpo_loss, A, B, RA, RB, soft_labels=torch.tensor([1.5, 0.5]))
+    raises("bt_beta", fastpref.mmpo_loss, A, B, RA, RB, bt_beta=2.0)  # no scores to scale
+
+
+def test_nll_terms_are_required_or_explicitly_off():
+    nll = torch.tensor(2.0)
+    raises("policy_nll_loss", fastpref.simpo_loss, A, B, sft_weight=1.0)
+    raises("policy_nll_loss", fastpref.cpo_loss, A, B)                 # cpo_alpha=1 by default
+    raises("policy_nll_loss", fastpref.orpo_loss, A / 10, B / 10)
+    raises("sft_weight", fastpref.simpo_loss, A, B, sft_weight=-0.5, policy_nll_loss=nll)
+    raises("cpo_alpha", fastpref.cpo_loss, A, B, cpo_alpha=-1.0, policy_nll_loss=nll)
+    raises("gamma_beta_ratio", fastpref.simpo_loss, A, B, gamma_beta_ratio=-0.25)
+    off, _, _ = fastpref.cpo_loss(A, B, cpo_alpha=0.0, reduction="none")
+    on, _, _ = fastpref.cpo_loss(A, B, policy_nll_loss=nll, reduction="none")
+    assert torch.allclose(on - off, torch.full_like(on, 2.0))
+    odds, _, _ = fastpref.orpo_loss(A / 10, B / 10, nll_weight=0.0, reduction="none")
+    full, _, _ = fastpref.orpo_loss(A / 10, B / 10, policy_nll_loss=nll, reduction="none")
+    assert torch.allclose(full - odds, torch.full_like(full, 2.0))
+
+
+def test_kto_values():
+    pol, ref = torch.tensor([-3.0, -4.0, -5.0]), torch.tensor([-3.5, -4.0, -4.5])
+    for desirable in (torch.tensor([0.5, 1.0, 0.0]), torch.tensor([2, 0, 1])):
+        raises("desirable", fastpref.kto_loss, pol, ref, desirable, kl=0.1)
+    d = torch.tensor([True, False, True])
+    raises("desirable_weight", fastpref.kto_loss, pol, ref, d, kl=0.1, desirable_weight=-1.0)
+    raises("undesirable_weight", fastpref.kto_loss, pol, ref, d, kl=0.1, undesirable_weight=NAN)
+    raises("kl", fastpref.kto_loss, pol, ref, d, kl=-0.5)  # z = max(0, KL) is never negative
+    raises("kl", fastpref.kto_loss, pol, ref, d, kl=0.1, loss_type="apo_zero_unpaired")  # no z in that loss
+
+
+def test_tdpo_values():
+    kl = torch.tensor([0.5, 0.2])
+    raises("alpha", fastpref.tdpo_loss, A, B, RA, RB, kl, kl, alpha=-0.5)
+    raises("tdpo2", fastpref.tdpo_loss, A, B, RA, RB, kl, kl, tdpo2="no")
+    one, _, _ = fastpref.losses.tdpo1_loss(A, B, RA, RB, kl, kl * 3, beta=0.2)
+    assert torch.equal(one, fastpref.tdpo_loss(A, B, RA, RB, kl, kl * 3, beta=0.2, tdpo2=False)[0])
+    two, _, _ = fastpref.losses.tdpo2_loss(A, B, RA, RB, kl, kl * 3, beta=0.2, alpha=0.3)
+    assert torch.equal(two, fastpref.tdpo_loss(A, B, RA, RB, kl, kl * 3, beta=0.2, alpha=0.3)[0])
+
+
+@pytest.mark.parametrize("fn", [fastpref.mallows_dpo_loss, fastpref.mallows_ipo_loss, fastpref.mallows_phi_dpo_loss])
+@pytest.mark.parametrize("psi", [0.0, -1.0, NAN, torch.tensor([1.0, 0.0]), torch.tensor([1.0, NAN]), "1"])
+def test_mallows_psi_must_be_positive(fn, psi):
+    raises("neg_log_dispersion", fn, A / 10, B / 10, neg_log_dispersion=psi)
+
+
+def test_mallows_values():
+    raises("home_advantage", fastpref.mallows_dpo_loss, A, B, neg_log_dispersion=1.0, home_advantage=-0.1)
+    raises("mixing_alpha", fastpref.mallows_dpo_loss, A, B, RA, RB, neg_log_dispersion=1.0, mixing_alpha=NAN)
+    raises("add_sft_loss", fastpref.mallows_dpo_loss, A, B, neg_log_dispersion=1.0, add_sft_loss="yes")
+    raises("s0", fastpref.mallows_phi_dpo_loss, A, B, neg_log_dispersion=1.0, s0=NAN)
+
+
+def test_dispersion_estimates():
+    vocab = 1000  # log V = 6.9
+    summed = torch.tensor([40.0, 3.0]), torch.tensor([35.0, 4.0])  # summed over ~20 tokens: above log V
+    with pytest.raises(ValueError, match=r"`chosen_entropy`.*look SUMMED.*paper_sum"):
+        fastpref.neg_log_dispersion(*summed, vocab_size=vocab)
+    with pytest.raises(ValueError, match=r"`dispersion`.*psi <= 0.*dispersion='mean'"):
+        fastpref.neg_log_dispersion(*summed, vocab_size=vocab, dispersion="paper_sum")
+    means = torch.tensor([2.0, 0.3]), torch.tensor([1.5, 0.4])
+    for c in (0.0, -0.29, NAN):
+        raises("c", fastpref.neg_log_dispersion, *means, vocab_size=vocab, c=c)
+    raises("chosen_entropy", fastpref.neg_log_dispersion, torch.tensor([-0.1, 1.0]), means[1], vocab_size=vocab)
+    raises("vocab_size", fastpref.neg_log_dispersion, *means, vocab_size=True)
+    psi = fastpref.neg_log_dispersion(*means, vocab_size=vocab)
+    assert (psi > 0).all()
+
+
+def test_mppo_point_scores_are_unit_targets():
+    logps = torch.tensor([[-0.5, -1.0, -2.0]])
+    ratings = torch.tensor([[9.0, 6.0, 2.0]])  # raw 1-10 ratings
+    for fn in (fastpref.mppo_point_ce_loss, fastpref.mppo_point_mse_loss):
+        with pytest.raises(ValueError, match=r"`scores` must be in \[0, 1\].*divided by 10"):
+            fn(logps, ratings)
+        assert torch.isfinite(fn(logps, ratings / 10)[0])
+    # other list losses rank by scores: any finite scale is fine
+    assert torch.isfinite(fastpref.mppo_pair_mnm_loss(logps, ratings)[0])
+    raises("negative", fastpref.mppo_pair_single_loss, logps, negative="best")
+    raises("generator", fastpref.mppo_pair_single_loss, logps, negative="worst", generator=torch.Generator())
+    raises("sft_weight", fastpref.pro_loss, logps, ratings, logps * 5, sft_weight=-0.05)
+
+
+# ---------------------------------------------------------------- through the front door
+
+
+def _front(loss, rows=4, **kwargs):
+    hidden, weight, labels, ref_hidden = make_batch(rows, seed=5)
+    ref = {} if fastpref.get_loss(loss).reference == "none" else {"ref_hidden": ref_hidden}
+    return fastpref.preference_loss(hidden, weight, labels, loss=loss, backend="torch", **ref, **kwargs)
+
+
+@pytest.mark.parametrize("loss, kwargs, arg", [
+    ("dpo", dict(use_weighting="no"), "use_weighting"),
+    ("dpo", dict(use_weighting=2), "use_weighting"),
+    ("mallows_dpo", dict(reference_free="no"), "reference_free"),
+    ("mallows_dpo", dict(length_normalization="yes"), "length_normalization"),
+    ("mallows_dpo", dict(neg_log_dispersion=1.0, dispersion="paper_sum", reference_free=False), "dispersion"),
+    ("mallows_dpo", dict(neg_log_dispersion=1.0, dispersion_c=0.5, reference_free=False), "dispersion_c"),
+    ("mallows_dpo", dict(dispersion_c=0.0), "dispersion_c"),
+    ("mallows_dpo", dict(neg_log_dispersion=torch.tensor([1.0, -1.0]), reference_free=False), "neg_log_dispersion"),
+    ("kto", dict(desirable=torch.tensor([True, False]), num_kl_rows=True), "num_kl_rows"),
+    ("kto", dict(desirable=torch.tensor([True, False]), num_kl_rows=2, kl=0.1), "num_kl_rows"),  # KL rows unused
+    ("kto", dict(desirable=torch.tensor([True, False]), num_kl_rows=2, loss_type="apo_zero_unpaired"),
+     "num_kl_rows"),
+    ("kto", dict(desirable=torch.tensor([0.5, 1.0, 0.0, 1.0]), kl=0.1), "desirable"),
+    ("dpo", dict(trl_metrics="yes"), "trl_metrics"),
+    ("dpo", dict(ignore_index=-100.0), "ignore_index"),
+    ("mppo_point_ce", dict(group_sizes=[2, 2], scores=torch.tensor([8.0, 3.0, 5.0, 5.0])), "scores"),
+    ("simpo", dict(sft_weight=-1.0), "sft_weight"),
+    ("tdpo2", dict(alpha=-0.5), "alpha"),
+    ("dpo", dict(ignore_index=True), "ignore_index"),
+])
+def test_front_door_values(loss, kwargs, arg):
+    with pytest.raises(ValueError, match=re.escape(f"`{arg}`")):
+        _front(loss, **kwargs)
