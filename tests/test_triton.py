@@ -52,3 +52,15 @@ def test_backend_forced_by_environment(monkeypatch):
     monkeypatch.setenv("FASTPREF_BACKEND", "no_such_backend")
     with pytest.raises(ValueError, match="backend"):
         registry.resolve(torch.device(DEVICE))
+
+
+def test_launch_config_knobs(monkeypatch):
+    """The GPU check's tuning sweep sets BLOCK / num_warps through the environment; bad values are refused."""
+    launch_config = triton_rows.launch_config
+    assert launch_config(128_256) == (4096, 8) and launch_config(7) == (8, 1)
+    monkeypatch.setenv("FASTPREF_TRITON_BLOCK", "1024")
+    monkeypatch.setenv("FASTPREF_TRITON_WARPS", "4")
+    assert launch_config(128_256) == (1024, 4)
+    monkeypatch.setenv("FASTPREF_TRITON_BLOCK", "1000")
+    with pytest.raises(ValueError, match="FASTPREF_TRITON_BLOCK"):
+        launch_config(128_256)

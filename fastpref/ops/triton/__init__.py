@@ -38,16 +38,22 @@ MAX_BLOCK = 4096
 BLOCK_ENV, WARPS_ENV = "FASTPREF_TRITON_BLOCK", "FASTPREF_TRITON_WARPS"
 
 
-def _launch_config(vocab: int) -> tuple[int, int]:
-    """``(BLOCK, num_warps)`` for rows of ``vocab`` columns (see the module docstring), unless
-    ``FASTPREF_TRITON_BLOCK`` / ``FASTPREF_TRITON_WARPS`` say otherwise (powers of two)."""
+def _env_power_of_two(name: str, default: int, upper: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    value = int(raw) if raw.isdigit() else 0
+    if value < 1 or value > upper or value & (value - 1):
+        raise ValueError(f"fastpref: `{name}` must be a power of two in [1, {upper}], got {raw!r}")
+    return value
+
+
+def launch_config(vocab: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` of both kernels for rows of ``vocab`` columns (see the module docstring),
+    unless ``FASTPREF_TRITON_BLOCK`` / ``FASTPREF_TRITON_WARPS`` say otherwise (read at every launch)."""
     block = min(MAX_BLOCK, triton.next_power_of_2(vocab))
     warps = max(1, min(8, block // 512))
-    if os.environ.get(BLOCK_ENV):
-        block = int(os.environ[BLOCK_ENV])
-    if os.environ.get(WARPS_ENV):
-        warps = int(os.environ[WARPS_ENV])
-    return block, warps
+    return _env_power_of_two(BLOCK_ENV, block, 2**16), _env_power_of_two(WARPS_ENV, warps, 32)
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +99,7 @@ def forward_rows(
 
     # Outputs that were not asked for are never written (their flag is off): any pointer will do.
     unused = out["lse"]
-    block, num_warps = _launch_config(vocab)
+    block, num_warps = launch_config(vocab)
     token_stats_forward_kernel[(rows,)](
         logits,
         logits.stride(0),
@@ -159,7 +165,7 @@ def backward_rows_(
         # Absent coefficients are never read (their flag is off): any fp32 pointer will do.
         return lse.contiguous() if x is None else x.float().contiguous()
 
-    block, num_warps = _launch_config(vocab)
+    block, num_warps = launch_config(vocab)
     token_stats_backward_kernel[(rows, triton.cdiv(vocab, block))](
         logits,
         logits.stride(0),
@@ -184,4 +190,4 @@ def backward_rows_(
     )
 
 
-__all__ = ["AVAILABLE", "backward_rows_", "forward_rows"]
+__all__ = ["AVAILABLE", "backward_rows_", "forward_rows", "launch_config"]
