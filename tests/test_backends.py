@@ -25,9 +25,10 @@ from fastpref.ops.backend import Want
 from fastpref.ops.reference import reference_token_stats
 from oracle import ALL_WANT, DEVICE, chunk, rel_err, row_oracle
 
-BACKENDS = [name for name in ("torch", "cpp", "triton")
-            if registry.get_backend(name).runs_on(torch.device(DEVICE)) and registry.kernels(name) is not None
-            and DEVICE in registry.get_backend(name).devices]
+# Every registered backend (fastpref.ops.register_backend) that can run tensors on DEVICE in this process.
+BACKENDS = [name for name in fastpref.backends()
+            if DEVICE in registry.get_backend(name).devices and registry.get_backend(name).runs_on(torch.device(DEVICE))
+            and registry.kernels(name) is not None]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 STEP = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}  # dz: one rounding step
 STAT_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-6, torch.float16: 2**-9}  # token_stats vs the oracle
