@@ -171,3 +171,13 @@ def _front(loss, rows=4, **kwargs):
 def test_front_door_values(loss, kwargs, arg):
     with pytest.raises(ValueError, match=re.escape(f"`{arg}`")):
         _front(loss, **kwargs)
+
+
+@pytest.mark.parametrize("loss_type", ["nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+                                       "apo_down", ["sigmoid", "bco_pair"]])
+def test_f_divergence_is_refused_where_the_loss_type_does_not_apply_it(loss_type):
+    """These loss types read the plain log-ratios: forward_kl with them would silently train reverse-KL DPO."""
+    pc, pr, rc, rr = (torch.randn(4) for _ in range(4))
+    with pytest.raises(ValueError, match="`f_divergence_type`"):
+        fastpref.dpo_loss(pc, pr, rc, rr, loss_type=loss_type, f_divergence_type="forward_kl")
+    fastpref.dpo_loss(pc, pr, rc, rr, loss_type=loss_type)  # reverse_kl (the default) is what they mean

@@ -181,8 +181,9 @@ def lipo_lambda_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""LiPO-lambda (Liu et al., NAACL 2025): lambda-weighted pairwise logistic loss over each list.
 
-    ``s_i = beta * (log pi(y_i) - log pi_ref(y_i))`` (SUMMED log-probs), labels ``psi = scores`` in
-    [0, 1] (required)::
+    ``s_i = beta * (log pi(y_i) - log pi_ref(y_i))`` (SUMMED log-probs), labels ``psi = scores``
+    (required; graded relevance: the paper's are in [0, 1], larger grades weigh a pair by the DCG gain
+    ``2^psi - 1``, so 0-10 ratings give a much steeper objective than the same ratings / 10)::
 
         L = mean over the batch's pairs (psi_i > psi_j) of  lambda_ij * log(1 + exp(-(s_i - s_j)))
 
@@ -200,7 +201,7 @@ def lipo_lambda_loss(
     pairs = (scores[:, :, None] > scores[:, None, :]) & mask[:, :, None] & mask[:, None, :]
     pair_losses = lipo_lambda_weights(s, scores, mask) * F.softplus(-(s[:, :, None] - s[:, None, :]))
     per_list = torch.where(pairs, pair_losses, torch.zeros((), dtype=s.dtype, device=s.device)).sum((1, 2))
-    losses = per_list * (s.shape[0] / pairs.sum().clamp(min=1))
+    losses = per_list * (s.shape[0] / pairs.sum().clamp(min=1).to(s.dtype))
     return reduce(losses, reduction), _detached_rewards(s, mask)
 
 

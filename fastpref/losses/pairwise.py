@@ -32,6 +32,8 @@ DPO_LOSS_TYPES = (
 )
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 SMOOTHED_LOSS_TYPES = ("sigmoid", "exo_pair", "robust", "aot", "aot_unpaired")  # those that read label_smoothing
+# Those that apply f'(pi/pi_ref) to the log-ratios (TRL's own list); the others read the plain log-ratios.
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 
 def f_divergence_scores(logratio: torch.Tensor, f_divergence_type: str, alpha: float = 0.5) -> torch.Tensor:
@@ -147,6 +149,10 @@ def dpo_loss(
     for w in weights:
         check_non_negative("loss_weights", w)
     check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
+    plain = sorted(set(names) - set(F_DIVERGENCE_LOSS_TYPES))
+    if f_divergence_type != "reverse_kl" and plain:
+        _checks.fail("f_divergence_type", f"{f_divergence_type!r} is not applied by loss_type {plain} (they use the "
+                                          f"plain log-ratios); it applies to {list(F_DIVERGENCE_LOSS_TYPES)}")
     check_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
     check_positive("discopop_tau", discopop_tau)
     if "exo_pair" in names:
@@ -200,7 +206,8 @@ def dpop_loss(
     r"""DPO-Positive (Smaug): ``-log sigma(beta [Delta - lambda max(0, log pi_ref(y_w) - log pi(y_w))])``.
 
     Penalises any drop of the chosen log-prob below the reference. Defaults ``beta=0.3``,
-    ``dpop_lambda=50`` are the paper's values.
+    ``dpop_lambda=50`` follow the Smaug report's recipe as commonly reproduced (not verified against
+    an official implementation; see docs/losses.md#dpop).
     """
     check_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, reference="required")
     check_positive("beta", beta)
