@@ -80,3 +80,43 @@ def frozen_copy(model):
     import copy
 
     return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(rank, world, port, fn, args, errors):
+    import traceback
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        fn(rank, *args)
+    except BaseException:  # reported to the parent, which fails the test with the traceback
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, *args, world: int = 2) -> None:
+    """Run ``fn(rank, *args)`` in ``world`` fresh processes joined by a gloo group (the usual torch.distributed
+    environment variables set, so DeepSpeed and accelerate see it); a rank's exception fails the test."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    try:
+        mp.start_processes(_spawned, args=(world, free_port(), fn, args, errors), nprocs=world, start_method="spawn")
+    except mp.ProcessRaisedException as err:
+        pytest.fail(errors.get() if not errors.empty() else str(err))

@@ -1,11 +1,9 @@
 """Distributed heads on CPU (gloo, 2 processes): vocabulary-parallel level 1 and preference losses, FSDP2
 (head in the root unit, and as its own DTensor unit) and DDP through the integration's fused forward,
-each against the single-process result (values and gradients). ZeRO-3's gather is checked with a
-stand-in for DeepSpeed's partitioned parameters (DeepSpeed itself is not installed here)."""
+each against the single-process result (values and gradients). DeepSpeed ZeRO-3: tests/test_deepspeed.py."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import traceback
@@ -254,54 +252,3 @@ def _sharded(rank):
 def test_fsdp2_and_ddp_match_single_process():
     """FSDP2 with the head in the root unit and as its own DTensor unit, and DDP: loss and every gradient."""
     _spawn(_sharded)
-
-
-# ---------------------------------------------------------------- ZeRO-3 (stand-in)
-
-
-class _Partitioned:
-    """What ZeRO-3 does to a parameter: its data is an empty tensor unless gathered."""
-
-    def __init__(self, param):
-        self.full = param.data
-        param.data = torch.empty(0, dtype=param.dtype)
-        param.ds_id, param.ds_status = 0, "NOT_AVAILABLE"
-        self.param = param
-
-    @contextlib.contextmanager
-    def gather(self, params):
-        assert len(params) == 1 and params[0] is self.param
-        self.param.data = self.full
-        try:
-            yield
-        finally:
-            self.param.data = torch.empty(0, dtype=self.param.dtype)
-
-
-def test_zero3_partitioned_head_is_gathered_and_gets_its_gradient(monkeypatch):
-    from integration_helpers import make_model
-
-    from fastpref.integrations import _head
-    from fastpref.integrations.hf import fastpref_compute_loss
-
-    model, batches = _model_and_batches()
-    want_loss, want = _single_process_grads(make_model(vocab=256, hidden=32, layers=2, seed=0, bias=True), batches[:1])
-    weight = _Partitioned(model.lm_head.weight)
-    bias = _Partitioned(model.lm_head.bias)
-
-    def gather(params):
-        stack = contextlib.ExitStack()
-        for part in (weight, bias):
-            if params[0] is part.param:
-                stack.enter_context(part.gather(params))
-        return stack
-
-    monkeypatch.setattr(_head, "_zero3_gather", gather)
-    out = fastpref_compute_loss(model, batches[0], "dpo", backend="torch", beta=0.5)
-    assert model.lm_head.weight.numel() == 0  # partitioned again after the forward
-    out.loss.backward()
-    assert model.lm_head.weight.numel() == 0 and model.lm_head.bias.numel() == 0  # released after accumulation
-    _close(out.loss, want_loss, 1e-6, "loss")
-    _close(model.lm_head.weight.grad, want["lm_head.weight"], 1e-6, "grad lm_head.weight (full shape)")
-    _close(model.lm_head.bias.grad, want["lm_head.bias"], 1e-6, "grad lm_head.bias")
-    _close(model.model.norm.weight.grad, want["model.norm.weight"], 1e-6, "grad final norm")

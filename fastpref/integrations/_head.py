@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 from collections.abc import Iterator
 
 import torch
 
-_MARK = "_fastpref_original_forward"
+_PREVIOUS = "_fastpref_previous_forward"  # instance key: the forward the patch falls back to
+_INSTALLED = "_fastpref_forward"  # instance key: the patch itself, bound to the module
 
 
 def logit_transform(model) -> dict:
@@ -170,6 +172,51 @@ def backbone(model):
     return body
 
 
+def _fused_forward(self, *args, fastpref_fn=None, fastpref_grad=True, fastpref_copy=False, **kwargs):
+    """The patched forward (see :func:`install`). Everything is looked up through ``self``, so a deep
+    copy of a patched model runs its own weights, and FSDP/PEFT replacing modules later is seen."""
+    if fastpref_fn is None:
+        previous = self.__dict__.get(_PREVIOUS)
+        if previous is None:
+            return type(self).forward(self, *args, **kwargs)
+        return previous(self, *args, **kwargs)
+    kwargs["use_cache"] = False
+    kwargs.pop("labels", None)
+    kwargs.pop("num_items_in_batch", None)
+    outputs = backbone(self)(*args, **kwargs)
+    with gathered_head(self, grad=fastpref_grad, copy=fastpref_copy) as (weight, bias):
+        return fastpref_fn(outputs.last_hidden_state, weight, bias)
+
+
+@functools.cache
+def _forward_for(cls: type):
+    """:func:`_fused_forward` with the signature of ``cls.forward`` (one function per class, no state):
+    the Trainer keeps dataset columns and ``generate`` checks model kwargs by that signature."""
+
+    def forward(self, *args, **kwargs):
+        return _fused_forward(self, *args, **kwargs)
+
+    forward.__wrapped__ = cls.forward
+    forward.__doc__ = cls.forward.__doc__
+    forward.fastpref_patch = True
+    return forward
+
+
+def _previous_forward(target):
+    """The forward the patch falls back to, as a function of the module (None: the class's own).
+
+    A bound method of ``target`` (TRL's fused-head patch, accelerate's autocast wrapper) is kept as its
+    function and called with the module, so a copy calls it with itself. Any other callable is called
+    as it is (it is bound to whatever it closes over).
+    """
+    current = target.__dict__.get("forward")
+    if current is None:
+        return None
+    if isinstance(current, types.MethodType) and current.__self__ is target:
+        return current.__func__
+    return lambda self, *args, **kwargs: current(*args, **kwargs)
+
+
 def install(model) -> None:
     """Patch ``model.forward``: ``model(..., fastpref_fn=fn)`` runs the backbone and returns ``fn(...)``.
 
@@ -178,34 +225,16 @@ def install(model) -> None:
     ``fastpref_copy=True``: copied). Without ``fastpref_fn`` the forward is the previous one, so
     generation and other trainers' patches keep working. Idempotent; patch the base model (not a PEFT
     wrapper), before or after TRL's own fused-head patch.
+
+    The patch is a bound method of one stateless function per model class, so ``copy.deepcopy`` (TRL's
+    ``create_reference_model``) gives a patched copy that runs its own weights. Pickling drops the patch
+    (the unpickled model has its plain forward) and the next :func:`install` puts it back.
     """
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if _MARK in target.__dict__:
-        return
-    previous = target.forward
-
-    @functools.wraps(type(target).forward)
-    def forward(self, *args, fastpref_fn=None, fastpref_grad=True, fastpref_copy=False, **kwargs):
-        if fastpref_fn is None:
-            return previous(*args, **kwargs)
-        kwargs["use_cache"] = False
-        kwargs.pop("labels", None)
-        kwargs.pop("num_items_in_batch", None)
-        outputs = backbone(self)(*args, **kwargs)
-        with gathered_head(self, grad=fastpref_grad, copy=fastpref_copy) as (weight, bias):
-            return fastpref_fn(outputs.last_hidden_state, weight, bias)
-
-    target.__dict__[_MARK] = previous
-    target.forward = forward.__get__(target)
-
-
-def uninstall(model) -> None:
-    """Undo :func:`install`."""
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    previous = target.__dict__.pop(_MARK, None)
-    if previous is None:
-        return
-    if getattr(previous, "__func__", None) is type(target).forward:
-        del target.forward  # back to the class's own method
-    else:
-        target.forward = previous
+    installed = getattr(target.__dict__.get(_INSTALLED), "__func__", None)
+    if getattr(installed, "fastpref_patch", False):
+        return  # maybe wrapped since by accelerate (autocast), which must stay outermost
+    target.__dict__[_PREVIOUS] = _previous_forward(target)
+    target.forward = types.MethodType(_forward_for(type(target)), target)
+    # A separate record of the patch: what an unpickled copy restores here is no longer the patch.
+    target.__dict__[_INSTALLED] = target.forward
