@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 from integration_helpers import frozen_copy, make_model  # noqa: E402
 
 import fastpref  # noqa: E402
-from fastpref.integrations.hf import FastPrefTrainerMixin, fastpref_compute_loss  # noqa: E402
+from fastpref.integrations.hf import FastPrefTrainerMixin, FusedLoss, fastpref_compute_loss  # noqa: E402
 
 VOCAB = 320
 
@@ -109,3 +109,59 @@ def test_mixin_trains_mallows_with_reference_model():
     assert len(logs) == 2
     for key in ("loss", "rewards/chosen", "logps/rejected", "neg_log_dispersion", "entropy", "mean_token_accuracy"):
         assert key in logs[0], key
+
+
+def _mask_collate(examples):
+    """The same pairs with a ``completion_mask`` (TRL-style) instead of ``labels``."""
+    batch = collate(examples)
+    batch["completion_mask"] = (batch.pop("labels") != -100).long()
+    return batch
+
+
+def test_typos_fail_before_any_forward():
+    model, batch = make_model(VOCAB, seed=1), collate([_dataset()[i] for i in range(2)])
+    with pytest.raises(ValueError, match=r"`bta`.*did you mean 'beta'"):
+        fastpref_compute_loss(model, batch, "dpo", ref_model=frozen_copy(model), bta=0.3)
+    with pytest.raises(ValueError, match="`chunk_size`"):
+        fastpref_compute_loss(model, batch, "dpo", ref_model=frozen_copy(model), chunk_size=0)
+    plan = FusedLoss("dpo", {"beta": 0.3})
+    with pytest.raises(ValueError, match="`beta` cannot be given with a FusedLoss"):
+        fastpref_compute_loss(model, batch, plan, ref_model=frozen_copy(model), beta=0.5)
+    with pytest.raises(ValueError, match=r"keys \['soft_label'\]"):
+        fastpref_compute_loss(model, {**batch, "soft_label": torch.full((2,), 0.7)}, "mmpo",
+                              ref_model=frozen_copy(model))
+    for options, match in (({"fastpref_options": {"chunk": 8}}, r"unknown keys \['chunk'\]"),
+                           ({"fastpref_loss_kwargs": {"bta": 1.0}}, "`bta`"),
+                           ({"fastpref_options": {"backend": "gpu"}}, "`backend`")):
+        with pytest.raises(ValueError, match=match):
+            PrefTrainer(model=model, args=_args(), train_dataset=_dataset(), data_collator=collate, **options)
+
+
+def test_loss_hyperparameters_in_the_batch_reach_the_loss():
+    """A collator's ``soft_labels`` go to MMPO (they used to go to the model's **kwargs and be dropped)."""
+    model, ref = make_model(VOCAB, seed=1), make_model(VOCAB, seed=2)
+    batch = collate([_dataset()[i] for i in range(4)])
+    soft = torch.tensor([0.9, 0.2, 0.6, 0.5])
+    out = fastpref_compute_loss(model, {**batch, "soft_labels": soft}, "mmpo", ref_model=ref, beta=0.3)
+    pc, pr = _materialised_logps(model, batch).chunk(2)
+    rc, rr = _materialised_logps(ref, batch).chunk(2)
+    want, _, _ = fastpref.mmpo_loss(pc, pr, rc, rr, beta=0.3, soft_labels=soft.double())
+    assert abs(out.loss.item() - want.item()) < 1e-5
+
+
+def test_evaluation_runs_the_fused_loss_and_logs_its_metrics():
+    """Without a ``labels`` key the Trainer's own prediction step skipped the loss: no eval_loss, no metrics."""
+    model = make_model(VOCAB, seed=1)
+    ref = frozen_copy(model)
+    eval_data = _dataset(4, seed=5)
+    trainer = PrefTrainer(model=model, args=_args(per_device_eval_batch_size=4), train_dataset=_dataset(),
+                          eval_dataset=eval_data, data_collator=_mask_collate, ref_model=ref, fastpref_loss="dpo",
+                          fastpref_loss_kwargs={"beta": 0.3})
+    metrics = trainer.evaluate()
+    batch = _mask_collate([eval_data[i] for i in range(4)])
+    expected = fastpref_compute_loss(model.eval(), batch, "dpo", ref_model=ref, beta=0.3)
+    assert abs(metrics["eval_loss"] - expected.loss.item()) < 1e-5
+    assert abs(metrics["eval_rewards/margins"] - expected.metrics["rewards/margins"].item()) < 1e-5
+    assert "eval_entropy" in metrics and "rewards/margins" not in metrics
+    loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    assert outputs.logits.shape[:2] == batch["input_ids"].shape and abs(loss.item() - expected.loss.item()) < 1e-5

@@ -4,7 +4,6 @@ the trainer, the legacy dpo_loss mixin, and the version gate. Tiny random Llamas
 from __future__ import annotations
 
 import math
-import tempfile
 import subprocess
 import sys
 
@@ -13,7 +12,8 @@ import torch
 
 pytest.importorskip("trl")
 
-from integration_helpers import frozen_copy, make_lists, make_model, make_pairs, make_tokenizer  # noqa: E402
+from integration_helpers import make_lists, make_model, make_pairs, make_tokenizer  # noqa: E402
+from trainer_helpers import lora, train, trl_config  # noqa: E402
 
 import fastpref  # noqa: E402
 from fastpref.integrations import trl as fp_trl  # noqa: E402
@@ -23,23 +23,11 @@ TRL_ONLY = {"learning_rate", "epoch"}
 
 
 def _config(cls, **overrides):
-    settings = dict(
-        output_dir=tempfile.mkdtemp(prefix="fastpref-test-"), max_steps=4, learning_rate=1e-3,
-        per_device_train_batch_size=4, logging_steps=1,
-        save_strategy="no", report_to="none", seed=0, use_cpu=True, bf16=False, disable_tqdm=True,
-    )
-    settings.update(overrides)
-    return cls(**settings)
+    return trl_config(cls, **overrides)
 
 
 def _train(trainer_cls, config_cls, *, precompute: bool, dataset=None, **overrides):
-    model = make_model(VOCAB)
-    ref = None if precompute else frozen_copy(model)
-    args = _config(config_cls, precompute_ref_log_probs=precompute, **overrides)
-    trainer = trainer_cls(model, ref_model=ref, args=args, train_dataset=dataset or make_pairs(16, VOCAB),
-                          processing_class=make_tokenizer(VOCAB))
-    trainer.train()
-    return trainer, [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+    return train(trainer_cls, config_cls, precompute=precompute, dataset=dataset, vocab=VOCAB, **overrides)
 
 
 @pytest.mark.parametrize(
@@ -48,14 +36,29 @@ def _train(trainer_cls, config_cls, *, precompute: bool, dataset=None, **overrid
         (False, {}),
         (True, {"gradient_accumulation_steps": 2}),
         (False, {"loss_type": ["ipo", "hinge"], "loss_weights": [1.0, 0.5]}),
+        (False, {"sync_ref_model": True, "ref_model_sync_steps": 2, "ref_model_mixup_alpha": 0.5}),
+        (False, {"peft_config": "lora"}),
     ],
-    ids=["ref_model", "precomputed+grad_accum", "ipo+hinge"],
+    ids=["ref_model", "precomputed+grad_accum", "ipo+hinge", "sync_ref_model", "lora"],
 )
-def test_matches_trl_step_by_step(precompute, overrides):
+@pytest.mark.slow
+def test_matches_trl_step_by_step(precompute, overrides, monkeypatch):
     from trl import DPOConfig, DPOTrainer
 
-    _, ours = _train(fp_trl.FastPrefDPOTrainer, fp_trl.FastPrefDPOConfig, precompute=precompute, **overrides)
-    _, theirs = _train(DPOTrainer, DPOConfig, precompute=precompute, **overrides)
+    from fastpref.integrations import _core
+
+    if overrides.get("peft_config") == "lora":
+        pytest.importorskip("peft")
+        overrides = {**overrides, "peft_config": lora()}
+    calls = []
+    fused = _core.preference_loss
+    monkeypatch.setattr(_core, "preference_loss", lambda *a, **k: calls.append(1) or fused(*a, **k))
+
+    held_out = make_pairs(4, VOCAB, seed=9)
+    ours_trainer, ours = _train(fp_trl.FastPrefDPOTrainer, fp_trl.FastPrefDPOConfig, precompute=precompute,
+                                eval_dataset=held_out, **overrides)
+    assert len(calls) == 4 * ours_trainer.args.gradient_accumulation_steps  # fastpref's loss ran, not TRL's
+    theirs_trainer, theirs = _train(DPOTrainer, DPOConfig, precompute=precompute, eval_dataset=held_out, **overrides)
     assert len(ours) == len(theirs) == 4
     worst = {}
     for step, (a, b) in enumerate(zip(ours, theirs)):
@@ -71,6 +74,10 @@ def test_matches_trl_step_by_step(precompute, overrides):
             assert diff <= 1e-4, f"step {step} {key}: fastpref {a[key]} vs TRL {value}"
     assert worst["loss"] < 1e-5
     print({k: f"{v:.1e}" for k, v in worst.items() if k not in TRL_ONLY})
+    evaluated, expected = ours_trainer.evaluate(), theirs_trainer.evaluate()
+    for key, value in expected.items():
+        if key.startswith("eval_") and not key.endswith(("_runtime", "_per_second")):
+            assert abs(evaluated[key] - value) <= 1e-4, f"{key}: fastpref {evaluated[key]} vs TRL {value}"
 
 
 def _trl_first_batch_stats(trainer, ref_model):
@@ -131,6 +138,12 @@ def test_list_loss_with_precomputed_reference():
     assert math.isfinite(logs[0]["loss"])
 
 
+def test_train_demo_refuses_calibration_it_cannot_do():
+    with pytest.raises(ValueError, match="calibrate_dispersion"):
+        fp_trl.train_demo(make_model(VOCAB), make_tokenizer(VOCAB), make_pairs(8, VOCAB), loss="simpo",
+                          calibrate_dispersion=True)
+
+
 def test_train_demo_runs_mallows():
     trainer, history = fp_trl.train_demo(make_model(VOCAB), make_tokenizer(VOCAB), make_pairs(8, VOCAB),
                                          max_steps=3, batch_size=4, calibrate_dispersion=True)
@@ -142,17 +155,58 @@ def test_train_demo_runs_mallows():
 
 
 def test_unsupported_settings_fail_clearly():
-    cfg = _config(fp_trl.FastPrefDPOConfig, ld_alpha=0.5)
-    with pytest.raises(NotImplementedError, match="ld_alpha"):
-        fp_trl.loss_from_config(cfg)
-    cfg = _config(fp_trl.FastPrefDPOConfig, label_smoothing=0.1)
+    with pytest.raises(ValueError, match="ld_alpha"):
+        _config(fp_trl.FastPrefDPOConfig, ld_alpha=0.5)
     with pytest.raises(ValueError, match="label_smoothing"):
-        fp_trl.loss_from_config(cfg)
-    cfg = _config(fp_trl.FastPrefDPOConfig, fastpref_loss="tdpo2", precompute_ref_log_probs=True)
+        _config(fp_trl.FastPrefDPOConfig, label_smoothing=0.1)
     with pytest.raises(ValueError, match="precompute_ref_log_probs"):
-        fp_trl.loss_from_config(cfg)
+        _config(fp_trl.FastPrefDPOConfig, fastpref_loss="tdpo2", precompute_ref_log_probs=True)
     with pytest.raises(ValueError, match="loss"):
-        fp_trl.loss_from_config(_config(fp_trl.FastPrefDPOConfig, fastpref_loss="no_such_loss"))
+        _config(fp_trl.FastPrefDPOConfig, fastpref_loss="no_such_loss")
+    # a plain DPOConfig is checked too when the trainer reads it
+    from trl import DPOConfig
+
+    with pytest.raises(ValueError, match="ld_alpha"):
+        fp_trl.loss_from_config(_config(DPOConfig, ld_alpha=0.5))
+
+
+def test_missing_batch_column_fails_before_the_precompute():
+    """A misspelt column used to be dropped silently (MMPO trained plain DPO); now the trainer refuses it."""
+    data = make_pairs(8, VOCAB).add_column("soft_labels", [0.7] * 8)
+    args = _config(fp_trl.FastPrefDPOConfig, fastpref_loss="mmpo", fastpref_batch_columns=["soft_labels"],
+                   precompute_ref_log_probs=True)
+    with pytest.raises(ValueError, match=r"'soft_labels' is not a column of train_dataset.*'prompt'"):
+        fp_trl.FastPrefDPOTrainer(make_model(VOCAB), args=args, train_dataset=make_pairs(8, VOCAB),
+                                  processing_class=make_tokenizer(VOCAB))
+    with pytest.raises(ValueError, match=r"eval_dataset"):
+        fp_trl.FastPrefDPOTrainer(make_model(VOCAB), args=args, train_dataset=data,
+                                  eval_dataset=make_pairs(4, VOCAB), processing_class=make_tokenizer(VOCAB))
+
+
+def test_batch_columns_reach_the_loss():
+    """MMPO with soft labels 0.5 has zero gradient at the reference (policy = reference): the policy never moves
+    and the loss stays log 2; without the column (p = 1, plain DPO) it moves after the first step."""
+    data = make_pairs(8, VOCAB).add_column("soft_labels", [0.5] * 8)
+    losses = {}
+    for columns in (["soft_labels"], None):
+        _, logs = _train(fp_trl.FastPrefDPOTrainer, fp_trl.FastPrefDPOConfig, precompute=False, dataset=data,
+                         max_steps=2, per_device_train_batch_size=8, fastpref_loss="mmpo",
+                         fastpref_loss_kwargs={"beta": 1.0}, fastpref_batch_columns=columns)
+        losses[bool(columns)] = [h["loss"] for h in logs]
+    assert all(abs(x - math.log(2)) < 1e-6 for x in losses[True]), losses
+    assert abs(losses[False][1] - math.log(2)) > 1e-3, losses
+
+
+def test_list_examples_whose_prompt_fills_max_length_are_dropped():
+    """Truncation used to empty a response and fail mid-training; such examples are dropped up front (as TRL)."""
+    data = make_lists(6, 3, VOCAB)
+    longest = max(len(p.split()) for p in data["prompt"])
+    with pytest.warns(UserWarning, match="dropped"):
+        trainer, logs = _train(fp_trl.FastPrefDPOTrainer, fp_trl.FastPrefDPOConfig, precompute=False, dataset=data,
+                               max_steps=2, per_device_train_batch_size=2, fastpref_loss="pro",
+                               max_length=longest)
+    assert 0 < len(trainer.train_dataset) < 6
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
 
 
 def test_version_gate(monkeypatch):
@@ -179,51 +233,11 @@ def test_fastpref_imports_without_trl_or_transformers():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
-class _LegacyTrainer:
-    """The calling convention of TRL <= 0.28: ``get_batch_loss_metrics`` -> ``dpo_loss`` on [B] tensors."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def get_batch_loss_metrics(self, model, batch, train_eval="train"):
-        losses, chosen, rejected = self.dpo_loss(batch["pc"], batch["pr"], batch["rc"], batch["rr"], "sigmoid", {})
-        return losses.mean(), {"rewards/chosen": chosen.mean()}
-
-
-def test_legacy_dpo_loss_mixin_runs_mallows():
-    class Trainer(fp_trl.FastPrefLegacyDPOMixin, _LegacyTrainer):
-        fastpref_loss = "mallows_dpo"
-        fastpref_loss_kwargs = {"beta": 10.0, "reference_free": False}
-
-    g = torch.Generator().manual_seed(0)
-    b = 4
-    lengths_c, lengths_r = torch.randint(2, 9, (b,), generator=g), torch.randint(2, 9, (b,), generator=g)
-    batch = {
-        "pc": -torch.rand(b, generator=g) * 20, "pr": -torch.rand(b, generator=g) * 20,
-        "rc": -torch.rand(b, generator=g) * 20, "rr": -torch.rand(b, generator=g) * 20,
-        "chosen_attention_mask": (torch.arange(9)[None] < lengths_c[:, None]).long(),
-        "rejected_attention_mask": (torch.arange(9)[None] < lengths_r[:, None]).long(),
-        "ref_chosen_entropy": torch.rand(b, generator=g) * lengths_c,
-        "ref_rejected_entropy": torch.rand(b, generator=g) * lengths_r,
-    }
-    trainer = Trainer(make_model(VOCAB))
-    loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
-    nc, nr = lengths_c.float(), lengths_r.float()
-    psi = fastpref.neg_log_dispersion(batch["ref_chosen_entropy"] / nc, batch["ref_rejected_entropy"] / nr,
-                                      vocab_size=VOCAB)
-    expected, chosen, _ = fastpref.mallows_dpo_loss(batch["pc"] / nc, batch["pr"] / nr, batch["rc"] / nc,
-                                                    batch["rr"] / nr, neg_log_dispersion=psi, beta=10.0)
-    assert torch.allclose(loss, expected, atol=1e-6)
-    assert torch.allclose(metrics["rewards/chosen"], chosen.mean(), atol=1e-6)
-    with pytest.raises(ValueError, match="ref_chosen_entropy"):
-        trainer.get_batch_loss_metrics(trainer.model, {k: v for k, v in batch.items() if "entropy" not in k})
-
-
 def test_reference_columns_sums_match_trainer_precompute():
     """The standalone helper stores the same summed log-probs and entropies as the trainer's precompute."""
     trainer, _ = _train(fp_trl.FastPrefDPOTrainer, fp_trl.FastPrefDPOConfig, precompute=True,
                         dataset=make_pairs(8, VOCAB, seed=3), max_steps=1, per_device_train_batch_size=8,
-                        fastpref_loss="mallows_dpo")
+                        fastpref_loss="mallows_dpo", fastpref_loss_kwargs={"reference_free": False})
     tokenised = trainer.train_dataset.remove_columns(
         ["ref_chosen_logps", "ref_rejected_logps", "ref_chosen_entropy", "ref_rejected_entropy"])
     again = fp_trl.reference_columns(make_model(VOCAB), tokenised, pad_token_id=0, batch_size=3)

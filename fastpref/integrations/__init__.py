@@ -1,7 +1,8 @@
 """Drop-in integrations with training pipelines; each imports its framework only when used.
 
-* :mod:`fastpref.integrations.trl` — ``FastPrefDPOTrainer`` / ``FastPrefDPOConfig`` for TRL >= 0.29,
-  ``FastPrefLegacyDPOMixin`` (``dpo_loss`` override) for TRL 0.9 - 0.28, ``train_demo``.
+* :mod:`fastpref.integrations.trl` — ``FastPrefDPOTrainer`` / ``FastPrefDPOConfig`` and
+  ``FastPrefKTOTrainer`` / ``FastPrefKTOConfig`` for TRL >= 0.29, ``FastPrefLegacyDPOMixin``
+  (``dpo_loss`` override) for TRL 0.9 - 0.28, ``train_demo``.
 * :mod:`fastpref.integrations.hf` — ``FastPrefTrainerMixin`` / ``fastpref_compute_loss`` for the plain
   Hugging Face ``Trainer`` with your own preference collator.
 * :mod:`fastpref.integrations.collators` — ``ListwiseCollator`` (K responses per prompt), ``WithColumns``.

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import _checks
+from ..layouts import LAYOUT_CLASSES, TOKEN_METRIC_ROWS, make_layout, token_counts
 from ..losses.registry import get_loss
 from ..modules import PreferenceOutput, preference_loss
-from ..ops import shift_labels
-from ..segments import sequence_logps
+from ..needs import Needs, resolve_needs
+from ..ops import backends, shift_labels
+from ..segments import Segments, sequence_logps
 
 # Per-batch inputs of preference_loss, by layout (what a collator may put in a batch next to the tokens).
 LOSS_INPUTS = (
@@ -24,10 +26,25 @@ LOSS_INPUTS = (
 )
 # Batch keys that are neither model inputs nor loss inputs.
 NON_MODEL_KEYS = ("labels", "completion_mask") + LOSS_INPUTS
-# Token metrics whose cross-rank average must be weighted by token counts, and by which rows.
-TOKEN_WEIGHTED = {
-    "entropy": "all", "logits/chosen": "chosen", "logits/rejected": "rejected", "mean_token_accuracy": "chosen",
+# Per-example means of unpaired batches, averaged over ranks by the examples of their rows (each rank
+# has its own number of desirable / undesirable examples); the token metrics are weighted by tokens.
+EXAMPLE_WEIGHTED = {
+    "rewards/chosen": "chosen", "logps/chosen": "chosen", "rewards/rejected": "rejected", "logps/rejected": "rejected",
 }
+# The level-1 options every integration takes (see fastpref.token_stats).
+OPTIONS = ("chunk_size", "logits_budget", "backend")
+
+
+def check_options(chunk_size=None, logits_budget=0, backend=None, *, prefix: str = "") -> None:
+    """Refuse level-1 options :func:`fastpref.token_stats` would reject at the first step (``prefix``: how
+    the caller spells them, e.g. ``"fastpref_"`` for the trainer configs)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        _checks.fail(f"{prefix}chunk_size", f"must be None (automatic) or a positive int, got {chunk_size!r}")
+    if isinstance(logits_budget, bool) or not isinstance(logits_budget, int) or logits_budget < 0:
+        _checks.fail(f"{prefix}logits_budget", f"must be a non-negative int (bytes), got {logits_budget!r}")
+    names = sorted(backends())
+    if backend is not None and backend not in names:
+        _checks.fail(f"{prefix}backend", f"must be None (by device) or one of {names}, got {backend!r}")
 
 
 def completion_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor | None = None,
@@ -49,7 +66,8 @@ class FusedLoss:
     """A fastpref loss by name with its hyperparameters and the level-1 options of every call.
 
     ``hparams`` go to the loss (``beta``, ``loss_type``, ``gamma_beta_ratio``, ``use_weighting``, ...);
-    ``chunk_size`` / ``logits_budget`` / ``backend`` to :func:`fastpref.token_stats`.
+    ``chunk_size`` / ``logits_budget`` / ``backend`` to :func:`fastpref.token_stats`. All are checked
+    here, so a typo fails when the trainer is built rather than at its first step.
     """
 
     loss: str = "dpo"
@@ -60,34 +78,39 @@ class FusedLoss:
 
     def __post_init__(self):
         self.spec = get_loss(self.loss)
+        if self.hparams is not None and not isinstance(self.hparams, dict):
+            _checks.fail("hparams", f"must be a dict of loss hyperparameters, got {type(self.hparams).__name__}")
         self.hparams = dict(self.hparams or {})
+        self.spec.check_hparams(self.hparams)
+        check_options(self.chunk_size, self.logits_budget, self.backend)
 
     @property
     def layout(self) -> str:
         return self.spec.layout
 
-    @property
-    def uses_reference(self) -> bool:
-        """Whether the loss uses reference log-probs (with its ``reference_free`` default resolved)."""
-        hparams = dict(self.hparams)
-        if self.spec.reference == "optional":
-            hparams.setdefault("reference_free", self.spec.reference_free_default)
-        return self.spec.uses_reference(hparams)
+    def needs(self, loss_inputs: dict, *, ref_head: bool = True) -> Needs:
+        """What this loss needs on a batch with ``loss_inputs`` (:func:`fastpref.needs.resolve_needs`).
 
-    @property
-    def wants_ref_entropy(self) -> bool:
-        """MallowsPO's dispersion needs reference entropies unless ``neg_log_dispersion`` is fixed."""
-        return self.spec.ref_entropy and "neg_log_dispersion" not in self.hparams
-
-    def needs_ref_head(self, batch: dict) -> bool:
-        """Whether this batch needs a reference forward (what precomputed columns do not already give)."""
-        has_logps = "ref_chosen_logps" in batch or "ref_logps" in batch
-        has_entropy = "ref_chosen_entropy" in batch
-        return (self.uses_reference and not has_logps) or self.spec.kl or (self.wants_ref_entropy and not has_entropy)
+        ``loss_inputs``: the batch's loss inputs (precomputed reference columns, per-batch
+        hyperparameters such as a per-pair ``neg_log_dispersion``; only their presence matters).
+        ``ref_head``: whether a reference forward is possible. Its ``run_ref_head`` says whether the
+        batch needs one (what precomputed columns do not already give); ``ref_logps`` /
+        ``ref_entropy`` (with nothing precomputed) say what a precompute must store.
+        """
+        per_batch = {k: v for k, v in loss_inputs.items() if k in self.spec.hyperparameters}
+        return resolve_needs(
+            self.spec, {**self.hparams, **per_batch},
+            ref_logps="ref_chosen_logps" in loss_inputs or "ref_logps" in loss_inputs,
+            ref_entropy="ref_chosen_entropy" in loss_inputs, ref_head=ref_head,
+        )
 
     def closure(self, labels: torch.Tensor, transform: dict, *, ref_hidden=None, ref_weight=None, ref_bias=None,
                 trl_metrics: bool = True, **loss_inputs):
         """``fn(hidden, weight, bias) -> PreferenceOutput``, to run inside the model's forward."""
+
+        both = sorted(set(loss_inputs) & set(self.hparams))
+        if both:
+            _checks.fail(both[0], "is given both per batch and as a loss hyperparameter; pass it once")
 
         def fn(hidden, weight, bias):
             hidden, weight, bias = _compute_dtype(hidden[:, -labels.shape[1]:], weight, bias)
@@ -117,10 +140,16 @@ def _compute_dtype(hidden, weight, bias):
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def split_batch(inputs: dict) -> tuple[dict, dict]:
-    """``(model_kwargs, loss_inputs)`` of a collated batch; tensors stay where the trainer put them."""
-    model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
-    loss_inputs = {k: inputs[k] for k in LOSS_INPUTS if inputs.get(k) is not None}
+def split_batch(inputs: dict, plan: FusedLoss | None = None) -> tuple[dict, dict]:
+    """``(model_kwargs, loss_inputs)`` of a collated batch; tensors stay where the trainer put them.
+
+    Loss inputs are the front door's per-batch arguments (:data:`LOSS_INPUTS`) and, given the
+    ``plan``, the loss's hyperparameters found in the batch (MMPO's ``soft_labels``, TODO's ``ties``);
+    every other key except ``labels`` / ``completion_mask`` goes to the model.
+    """
+    loss_keys = set(LOSS_INPUTS) | set(plan.spec.hyperparameters if plan is not None else ())
+    model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS and k not in loss_keys}
+    loss_inputs = {k: v for k, v in inputs.items() if k in loss_keys and v is not None}
     if "group_sizes" in loss_inputs and isinstance(loss_inputs["group_sizes"], torch.Tensor):
         loss_inputs["group_sizes"] = loss_inputs["group_sizes"].long()
     if "desirable" in loss_inputs:
@@ -168,32 +197,55 @@ def sequence_reference_stats(model, model_kwargs: dict, labels: torch.Tensor, tr
         return model(**model_kwargs, fastpref_fn=fn, fastpref_grad=False)
 
 
-def token_counts(labels: torch.Tensor, layout: str) -> dict[str, torch.Tensor]:
-    """Valid tokens of all / chosen / rejected rows, the weights of :data:`TOKEN_WEIGHTED` metrics (pairs)."""
-    valid = (labels != -100).sum(-1)
-    half = valid.shape[0] // 2
-    if layout != "pairs":
-        return {"all": valid.sum()}
-    return {"all": valid.sum(), "chosen": valid[:half].sum(), "rejected": valid[half:].sum()}
+def metric_weights(plan: FusedLoss, labels: torch.Tensor, loss_inputs: dict, *, ignore_index: int = -100,
+                   examples: bool = False) -> dict[str, torch.Tensor]:
+    """This rank's weights of the weighted metrics for :func:`gather_metrics`.
+
+    The token metrics (:data:`fastpref.layouts.TOKEN_METRIC_ROWS`) by the scored tokens of their rows
+    (the loss's layout says which rows are chosen / rejected: the pair halves, each prompt's best
+    response, the desirable examples); with ``examples`` also the per-example means of unpaired
+    batches (:data:`EXAMPLE_WEIGHTED`) by their examples. ``labels`` and ``loss_inputs`` as given to
+    :func:`fastpref.preference_loss`.
+    """
+    segments = Segments(labels, ignore_index=ignore_index)
+    arguments = {k: loss_inputs[k] for k in LAYOUT_CLASSES[plan.layout].arguments if k in loss_inputs}
+    layout = make_layout(plan.layout, plan.loss, segments.num, labels, arguments)
+    rows = {"chosen": layout.chosen_rows, "rejected": layout.rejected_rows}
+    counts = token_counts(segments.num_tokens, rows["chosen"], rows["rejected"])
+    weights = {name: counts[which] for name, which in TOKEN_METRIC_ROWS.items()}
+    if examples:
+        weights.update({name: rows[which].sum() for name, which in EXAMPLE_WEIGHTED.items()})
+    return weights
 
 
-def gather_metrics(metrics: dict, counts: dict, gather) -> dict[str, float]:
-    """Cross-rank metric values as TRL computes them: token metrics weighted by tokens, the rest averaged.
+def gather_metrics(metrics: dict, weights: dict, gather, *, empty: float | None = 0.0) -> dict[str, float]:
+    """Cross-rank metric values as TRL computes them, in one collective.
 
+    A metric with an entry in ``weights`` is averaged with those weights (token counts: sum of
+    value x tokens over ranks / sum of tokens), the others are the mean over ranks. A weighted metric
+    no rank has weight for is ``empty`` (TRL's DPOTrainer logs 0.0), or left out when ``empty`` is None
+    (its KTOTrainer). Every rank must know the same names: a metric a rank lacks (KTO's chosen means on
+    a rank without desirable examples) needs an entry in ``weights``, and counts there as 0 with weight 0.
     ``gather`` is ``accelerator.gather`` (identity on one process).
     """
+    names = sorted({*metrics, *weights})  # one order on every rank, whichever metrics each one has
+    if not names:
+        return {}
+    device = next(iter([*metrics.values(), *weights.values()])).device
+    one = torch.ones((), device=device)
+    values = torch.stack([metrics[n].detach().float().reshape(()) if n in metrics else 0 * one for n in names])
+    counts = torch.stack([weights[n].detach().float().reshape(()) if n in weights else one for n in names])
+    weighted = torch.where(counts > 0, values * counts, 0 * one)  # a rank without weight adds nothing, not NaN
+    totals = gather(torch.cat([weighted, counts])[None]).sum(0).tolist()
     out = {}
-    for name, value in metrics.items():
-        value = value.detach().float().reshape(())
-        rows = TOKEN_WEIGHTED.get(name)
-        if rows is not None and rows in counts:
-            weight = counts[rows].float().reshape(())
-            total = gather(weight.reshape(1)).sum()
-            out[name] = (gather((value * weight).reshape(1)).sum() / total).item() if total > 0 else 0.0
-        else:
-            out[name] = gather(value.reshape(1)).mean().item()
+    for i, name in enumerate(names):
+        weighted_sum, total = totals[i], totals[len(names) + i]
+        if total > 0:
+            out[name] = weighted_sum / total
+        elif empty is not None:
+            out[name] = empty
     return out
 
 
-__all__ = ["FusedLoss", "PreferenceOutput", "completion_labels", "gather_metrics", "reference_head",
-           "sequence_reference_stats", "split_batch", "token_counts"]
+__all__ = ["FusedLoss", "PreferenceOutput", "check_options", "completion_labels", "gather_metrics", "metric_weights",
+           "reference_head", "sequence_reference_stats", "split_batch"]

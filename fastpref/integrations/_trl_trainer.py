@@ -8,6 +8,8 @@ returns the same quantity), logging and checkpointing are TRL's.
 Per step: the reference backbone runs without gradient when the loss needs it (its hidden states and
 head feed the same fused pass as the policy: no reference logits either), then the policy's forward
 runs its backbone and :func:`fastpref.preference_loss` on the hidden states and the (gathered) head.
+
+:class:`FusedTRLMixin` holds what this trainer and ``FastPrefKTOTrainer`` share.
 """
 
 from __future__ import annotations
@@ -27,135 +29,249 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed
 from trl.trainer.utils import use_adapter
 
+from .. import _checks
+from ..losses.registry import get_loss
 from . import _head
 from ._core import (
     FusedLoss,
+    check_options,
     completion_labels,
     gather_metrics,
+    metric_weights,
     reference_head,
     sequence_reference_stats,
     split_batch,
-    token_counts,
 )
 from .collators import ListwiseCollator, WithColumns, prepare_listwise_dataset
 
 _TRL_DEFAULT_BETA = 0.1
 # TRL applies label_smoothing to these loss types only (>= 0.29); fastpref's "dpo" would also smooth "sigmoid".
 _SMOOTHED = {"exo_pair", "robust", "aot", "aot_unpaired"}
+# DPOConfig's loss fields (TRL 1.16) and their defaults. With fastpref_loss=None they are TRL's loss; a
+# named loss reads its hyperparameters from fastpref_loss_kwargs alone, so there they must keep these values.
+_TRL_LOSS_FIELDS = {
+    "beta": None, "loss_type": ["sigmoid"], "loss_weights": None, "label_smoothing": 0.0,
+    "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05, "use_weighting": False,
+}
+# Loss-affecting fields fastpref does not implement (the last two exist in older TRL of the supported range).
+_UNSUPPORTED = {"ld_alpha": None, "padding_free": False, "rpo_alpha": None, "reference_free": False}
 
 
 @dataclass
-class FastPrefDPOConfig(DPOConfig):
-    """``DPOConfig`` plus the fastpref fields (every TRL field keeps its meaning).
+class FastPrefOptions:
+    """The level-1 options of the trainer configs (:func:`fastpref.token_stats`), checked at construction."""
+
+    fastpref_chunk_size: int | None = field(default=None, metadata={"help": "Rows per fused chunk (None: automatic)."})
+    fastpref_logits_budget: int = field(default=0, metadata={"help": "Bytes of chunk logits kept for backward."})
+    fastpref_backend: str | None = field(
+        default=None, metadata={"help": "Row-kernel backend (fastpref.backends(): torch/triton/cpp); None: by device."}
+    )
+
+    def fastpref_options(self) -> dict:
+        """``chunk_size`` / ``logits_budget`` / ``backend`` for :class:`FusedLoss`, after checking them."""
+        options = dict(chunk_size=self.fastpref_chunk_size, logits_budget=self.fastpref_logits_budget,
+                       backend=self.fastpref_backend)
+        check_options(**options, prefix="fastpref_")
+        return options
+
+
+@dataclass
+class FastPrefDPOConfig(FastPrefOptions, DPOConfig):
+    """``DPOConfig`` plus the fastpref fields; everything is checked when the config is built.
 
     Args:
         fastpref_loss: a fastpref loss name (:func:`fastpref.available_losses`). None (default) runs
-            TRL's own loss settings (``loss_type``, ``loss_weights``, ``beta``, ``f_divergence_type``,
-            ``label_smoothing``, ``use_weighting``) through fastpref's ``"dpo"``: the same numbers as
-            ``DPOTrainer``. Pairwise losses use TRL's preference datasets; list losses
-            (``layout="groups"``: PRO, MPPO, LiPO, ...) take ``prompt`` + ``completions`` (+ ``scores``).
-        fastpref_loss_kwargs: the loss's hyperparameters. For a named loss, ``beta`` comes from here
-            (or the loss's own default, e.g. MallowsPO's 10), NOT from ``DPOConfig.beta``.
+            TRL's own loss settings through fastpref's ``"dpo"``: the same numbers as ``DPOTrainer``.
+            Pairwise losses use TRL's preference datasets; list losses (``layout="groups"``: PRO, MPPO,
+            LiPO, ...) take ``prompt`` + ``completions`` (+ ``scores``). Unpaired KTO:
+            ``FastPrefKTOTrainer``.
+        fastpref_loss_kwargs: the named loss's hyperparameters (a dict, or a JSON object string on the
+            command line), checked against the loss: an unknown name is an error listing the accepted ones.
         fastpref_batch_columns: dataset columns handed to the loss per batch as tensors, e.g.
-            ``["ties"]`` for TODO or ``["soft_labels"]`` for MMPO.
+            ``["ties"]`` for TODO or ``["soft_labels"]`` for MMPO; each must be a dataset column and an
+            input of the loss.
         fastpref_chunk_size, fastpref_logits_budget, fastpref_backend: level-1 options
             (:func:`fastpref.token_stats`).
+
+    TRL's loss fields, with ``fastpref_loss=None`` (TRL's loss) / with a named loss:
+
+    * ``beta``, ``loss_type``, ``loss_weights``, ``f_divergence_type``, ``f_alpha_divergence_coef``,
+      ``discopop_tau``, ``use_weighting``: honoured as TRL does / must keep their defaults (an error
+      names the ``fastpref_loss_kwargs`` key to use instead, or says the loss has no such setting).
+      ``beta`` defaults to None here so that a value you set is never dropped: None means TRL's 0.1
+      with TRL's loss, and the loss's own default (MallowsPO 10, SimPO 2, ...) with a named loss.
+      Setting ``discopop_tau`` without loss type ``"discopop"``, or ``f_alpha_divergence_coef`` without
+      ``f_divergence_type="alpha_divergence"``, is an error (TRL would ignore it).
+    * ``label_smoothing``: applied as TRL does to ``exo_pair`` / ``robust`` / ``aot`` / ``aot_unpaired``;
+      an error with ``"sigmoid"`` (TRL >= 0.29 ignores it there, fastpref's ``"dpo"`` would apply it as
+      cDPO: use ``fastpref_loss="dpo", fastpref_loss_kwargs={"label_smoothing": ...}`` for cDPO) or
+      with no loss type that uses it / must be 0.
+    * ``fastpref_loss_kwargs`` with ``fastpref_loss=None``: may not repeat a DPOConfig loss field.
+    * ``ld_alpha`` (LD-DPO), ``padding_free``: not supported, an error when set.
+    * ``sync_ref_model``, ``precompute_ref_log_probs``, ``precompute_ref_batch_size``, ``max_length``,
+      ``pad_to_multiple_of``: honoured (precomputed reference log-probs cannot serve losses with a per-token
+      KL such as TDPO: an error). List losses keep the start of each sequence: ``truncation_mode="keep_end"``
+      is an error there, and examples whose prompt fills ``max_length`` are dropped, as TRL does for pairs.
+    * ``router_aux_loss_coef``: MoE auxiliary losses are not supported (an error when enabled).
     """
 
+    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["fastpref_loss_kwargs"]
+
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "TRL's beta (None: 0.1). With a named fastpref_loss, pass beta in fastpref_loss_kwargs."},
+    )
     fastpref_loss: str | None = field(default=None, metadata={"help": "fastpref loss name; None = TRL's loss_type."})
-    fastpref_loss_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "Loss hyperparameters."})
-    fastpref_batch_columns: list[str] | None = field(default=None, metadata={"help": "Per-batch loss inputs."})
-    fastpref_chunk_size: int | None = field(default=None, metadata={"help": "Rows per fused chunk."})
-    fastpref_logits_budget: int = field(default=0, metadata={"help": "Bytes of chunk logits kept for backward."})
-    fastpref_backend: str | None = field(default=None, metadata={"help": "Row-kernel backend: torch/triton/cpp."})
+    fastpref_loss_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Hyperparameters of the named loss: a JSON object, e.g. '{\"beta\": 2.0}'."}
+    )
+    fastpref_batch_columns: list[str] | None = field(
+        default=None, metadata={"help": "Dataset columns passed to the loss per batch (e.g. soft_labels)."}
+    )
+
+    def __post_init__(self):
+        if self.fastpref_loss is None and self.beta is None:
+            self.beta = _TRL_DEFAULT_BETA
+        super().__post_init__()  # parses a JSON string of fastpref_loss_kwargs, as TRL's dict fields
+        loss_from_config(self)  # every check, before any dataset or model is touched
+
+
+def _accepts(loss: str, key: str) -> bool:
+    """Whether loss ``loss`` takes the keyword ``key``."""
+    return key in get_loss(loss).hyperparameters
+
+
+def _check_trl_fields(args, name: str | None, types: list[str]) -> None:
+    """Refuse the DPOConfig settings this run would not honour (see :class:`FastPrefDPOConfig`)."""
+    for key, default in _UNSUPPORTED.items():
+        value = getattr(args, key, default)
+        if value != default:
+            _checks.fail(key, f"is {value!r}, which FastPrefDPOTrainer does not support; leave it at {default!r}")
+    if name is not None:
+        for key, default in _TRL_LOSS_FIELDS.items():
+            value = getattr(args, key, default)
+            if value == default:
+                continue
+            if _accepts(name, key):
+                shown = value[0] if key == "loss_type" and len(value) == 1 else value  # losses take a str too
+                hint = f"pass fastpref_loss_kwargs={{{key!r}: {shown!r}}}"
+            else:
+                hint = f"loss {name!r} has no `{key}`; leave fastpref_loss=None to run TRL's loss settings"
+            _checks.fail(key, f"is {value!r}: a setting of TRL's loss, which fastpref_loss={name!r} does not read; "
+                              f"{hint}")
+        return
+    if args.label_smoothing:
+        if "sigmoid" in types:
+            _checks.fail("label_smoothing", "is ignored by TRL >= 0.29 for loss_type 'sigmoid', while fastpref's 'dpo' "
+                                            "would apply it (cDPO). Set label_smoothing=0, or opt in explicitly with "
+                                            "fastpref_loss='dpo' and fastpref_loss_kwargs={'label_smoothing': ...}.")
+        if not set(types) & _SMOOTHED:
+            _checks.fail("label_smoothing", f"is used by TRL only for loss_type in {sorted(_SMOOTHED)}; with "
+                                            f"loss_type={types} it would be ignored: set label_smoothing=0")
+    if args.discopop_tau != _TRL_LOSS_FIELDS["discopop_tau"] and "discopop" not in types:
+        _checks.fail("discopop_tau", f"is used only by loss_type 'discopop'; with loss_type={types} it would be ignored")
+    if (args.f_alpha_divergence_coef != _TRL_LOSS_FIELDS["f_alpha_divergence_coef"]
+            and args.f_divergence_type != "alpha_divergence"):
+        _checks.fail("f_alpha_divergence_coef", "is used only with f_divergence_type='alpha_divergence'; with "
+                                                f"{args.f_divergence_type!r} it would be ignored")
+
+
+def _loss_kwargs(args) -> dict:
+    kwargs = getattr(args, "fastpref_loss_kwargs", None)
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        _checks.fail("fastpref_loss_kwargs", f"must be a dict (or a JSON object string), got {kwargs!r}")
+    return dict(kwargs)
 
 
 def loss_from_config(args: DPOConfig) -> FusedLoss:
-    """The :class:`FusedLoss` a (FastPref)DPOConfig asks for; TRL settings fastpref cannot honour raise."""
+    """The :class:`FusedLoss` a (FastPref)DPOConfig asks for; settings it would not honour raise ``ValueError``."""
     name = getattr(args, "fastpref_loss", None)
-    kwargs = dict(getattr(args, "fastpref_loss_kwargs", None) or {})
-    if args.ld_alpha is not None:
-        raise NotImplementedError("fastpref: `ld_alpha` (LD-DPO) is not supported by FastPrefDPOTrainer; unset it")
+    kwargs = _loss_kwargs(args)
+    types = list(args.loss_type)
+    if name is not None:
+        get_loss(name)  # an unknown name first
+    _check_trl_fields(args, name, types)
     if name is None:
-        types = list(args.loss_type)
+        for key in kwargs:
+            if key in _TRL_LOSS_FIELDS:
+                _checks.fail("fastpref_loss_kwargs", f"sets {key!r}, a DPOConfig field: with fastpref_loss=None set "
+                                                     f"DPOConfig.{key} instead")
+        beta = _TRL_DEFAULT_BETA if args.beta is None else args.beta
         hparams = dict(
-            beta=args.beta, loss_type=types, loss_weights=args.loss_weights, f_divergence_type=args.f_divergence_type,
+            beta=beta, loss_type=types, loss_weights=args.loss_weights, f_divergence_type=args.f_divergence_type,
             f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
         )
-        if args.label_smoothing:
-            if "sigmoid" in types:
-                raise ValueError(
-                    "fastpref: TRL >= 0.29 ignores `label_smoothing` for loss_type 'sigmoid', fastpref's 'dpo' would "
-                    "apply it (cDPO). Set label_smoothing=0, or opt in explicitly with fastpref_loss='dpo' and "
-                    "fastpref_loss_kwargs={'label_smoothing': ...}."
-                )
-            if set(types) & _SMOOTHED:
-                hparams["label_smoothing"] = args.label_smoothing
+        if set(types) & _SMOOTHED and args.label_smoothing:
+            hparams["label_smoothing"] = args.label_smoothing
+        if args.use_weighting:
+            hparams["use_weighting"] = True
         hparams.update(kwargs)
         name = "dpo"
     else:
         hparams = kwargs
-        if args.beta != _TRL_DEFAULT_BETA and "beta" not in kwargs:
-            warnings.warn(
-                f"fastpref: DPOConfig.beta={args.beta} is not used by fastpref_loss={name!r}; pass "
-                "fastpref_loss_kwargs={'beta': ...} (the loss's own default applies).",
-                stacklevel=3,
-            )
-    if args.use_weighting:
-        hparams["use_weighting"] = True
-    plan = FusedLoss(name, hparams, chunk_size=getattr(args, "fastpref_chunk_size", None),
-                     logits_budget=getattr(args, "fastpref_logits_budget", 0) or 0,
-                     backend=getattr(args, "fastpref_backend", None))
+    options = args.fastpref_options() if isinstance(args, FastPrefOptions) else {}
+    plan = FusedLoss(name, hparams, **options)
     if plan.layout == "unpaired":
-        raise ValueError(f"fastpref: loss {name!r} is unpaired (KTO-style); DPOTrainer batches are pairs or lists")
-    if args.precompute_ref_log_probs and plan.spec.kl:
-        raise ValueError(
-            f"fastpref: loss {name!r} needs the reference distribution per token (KL), which precomputed "
-            "reference log-probs cannot give; set precompute_ref_log_probs=False"
-        )
+        _checks.fail("fastpref_loss", f"{name!r} is unpaired (KTO): use FastPrefKTOTrainer / FastPrefKTOConfig; "
+                                      "DPOTrainer batches are pairs or lists")
+    for column in batch_columns(args):
+        if not _accepts(name, column):
+            _checks.fail("fastpref_batch_columns", f"entry {column!r} is not an input of loss {name!r} (it takes: "
+                                                   f"{', '.join(plan.spec.hyperparameters)}); it would be dropped")
+    if args.precompute_ref_log_probs:
+        needs = plan.needs(dict.fromkeys(batch_columns(args), "per batch"))
+        if needs.kl:
+            _checks.fail("precompute_ref_log_probs", f"cannot serve loss {name!r}: it needs the reference "
+                                                     "distribution per token (KL); set precompute_ref_log_probs=False")
+        if needs.ref_logps is None and needs.ref_entropy is None:
+            _checks.fail("precompute_ref_log_probs", f"would store nothing loss {name!r} uses (it runs without a "
+                                                     "reference with these hyperparameters); set it to False")
+    if plan.layout == "groups" and args.max_length is not None and args.truncation_mode != "keep_start":
+        _checks.fail("truncation_mode", f"is {args.truncation_mode!r}, but list losses keep the start of each "
+                                        "sequence: use truncation_mode='keep_start'")
     return plan
 
 
-class FastPrefDPOTrainer(DPOTrainer):
-    """``DPOTrainer`` whose loss is any fastpref loss, computed by the fused op (no logits).
+def batch_columns(args) -> list[str]:
+    """``fastpref_batch_columns`` of a config, checked to be a list of names."""
+    columns = getattr(args, "fastpref_batch_columns", None) or []
+    if isinstance(columns, str) or not all(isinstance(c, str) for c in columns):
+        _checks.fail("fastpref_batch_columns", f"must be a list of column names, got {columns!r}")
+    return list(columns)
 
-    Drop-in: replace ``DPOTrainer``/``DPOConfig`` by ``FastPrefDPOTrainer``/``FastPrefDPOConfig``.
-    With ``fastpref_loss=None`` the losses and metrics are TRL's (tested step by step); set
-    ``fastpref_loss="mallows_dpo"`` (``"simpo"``, ``"tdpo2"``, ``"pro"``, ...) for others.
 
-    The reference comes, as in TRL, from ``ref_model``, from the policy with its PEFT adapters
-    disabled, or from ``precompute_ref_log_probs`` — computed by fastpref, with the summed reference
-    token entropies MallowsPO needs stored next to the log-probs (``ref_chosen_entropy``,
-    ``ref_rejected_entropy``). Not supported: ``ld_alpha``, MoE auxiliary losses, vision datasets.
+def dataset_columns(dataset) -> list[str]:
+    """Column names of a ``datasets`` (Iterable)Dataset (from its first example when not declared)."""
+    names = getattr(dataset, "column_names", None)
+    return list(names) if names is not None else list(next(iter(dataset)).keys())
+
+
+def check_columns(columns: list[str], **datasets) -> None:
+    """Each of ``columns`` must be a column of every dataset given (``train_dataset=``, ``eval_dataset=``)."""
+    for arg, dataset in datasets.items():
+        parts = dataset.items() if isinstance(dataset, dict) else [(None, dataset)]
+        for split, part in parts:
+            if part is None:
+                continue
+            names = dataset_columns(part)
+            for column in columns:
+                if column not in names:
+                    where = arg if split is None else f"{arg}[{split!r}]"
+                    _checks.fail("fastpref_batch_columns", f"entry {column!r} is not a column of {where} "
+                                                           f"(columns: {names})")
+
+
+class FusedTRLMixin:
+    """What the fastpref TRL trainers share; mix in before TRL's trainer (``self.fastpref`` is the loss).
+
+    The patched forwards (:func:`fastpref.integrations._head.install`), the reference model or the
+    policy with its adapters disabled, the precompute of reference statistics by fastpref, and logging
+    the metrics under TRL's names with TRL's cross-rank averages.
     """
 
-    _tag_names = ["trl", "dpo", "fastpref"]
-
-    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, **kwargs):
-        if args is None:
-            args = FastPrefDPOConfig(output_dir="fastpref-dpo")
-        self.fastpref = loss_from_config(args)
-        self._fastpref_columns = list(getattr(args, "fastpref_batch_columns", None) or [])
-        if self.fastpref.wants_ref_entropy and args.precompute_ref_log_probs:
-            self._fastpref_columns += ["ref_chosen_entropy", "ref_rejected_entropy"]
-        self._fastpref_lists = self.fastpref.layout == "groups"
-        if self._fastpref_lists and data_collator is None:
-            tokenizer = getattr(processing_class, "tokenizer", processing_class)
-            pad = getattr(tokenizer, "pad_token_id", None)
-            pad = getattr(tokenizer, "eos_token_id", None) if pad is None else pad
-            data_collator = ListwiseCollator(pad_token_id=pad or 0, max_length=args.max_length)
-        super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
-        if self._is_vision_dataset:
-            raise ValueError("fastpref: vision datasets are not supported by FastPrefDPOTrainer")
-        if self.aux_loss_enabled:
-            raise NotImplementedError(
-                "fastpref: MoE router auxiliary losses are not supported; set router_aux_loss_coef=0"
-            )
-        self._fastpref_install()
-        self.data_collator = WithColumns(self.data_collator, self._fastpref_columns)
-
-    # ---- setup ----
+    fastpref: FusedLoss
 
     def _fastpref_install(self) -> None:
         """Patch the policy (and reference) forwards; idempotent, also called by the precompute in __init__."""
@@ -163,18 +279,6 @@ class FastPrefDPOTrainer(DPOTrainer):
         _head.install(self.model)
         if self.ref_model is not None:
             _head.install(self.accelerator.unwrap_model(self.ref_model))
-
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        if self._fastpref_lists:
-            return prepare_listwise_dataset(dataset, processing_class, dataset_name)
-        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        extra = list(self._fastpref_columns)
-        if self._fastpref_lists:
-            extra += ["completion_ids", "scores", "ref_logps"]
-        self._signature_columns = list(dict.fromkeys(list(self._signature_columns) + extra))
 
     # ---- reference ----
 
@@ -185,42 +289,49 @@ class FastPrefDPOTrainer(DPOTrainer):
             return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return None
 
-    def _reference_sequences(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        """Per-sequence reference statistics of one collated batch, as dataset columns."""
-        model_kwargs, _ = split_batch(batch)
-        labels = completion_labels(batch["input_ids"], batch["completion_mask"])
+    def _sequence_logps(self, model, model_kwargs: dict, labels: torch.Tensor, *, entropy: bool = False,
+                        adapter_context=None) -> dict[str, torch.Tensor]:
+        """Summed log-probs (and entropies) per sequence of ``model`` without gradient (see ``sequence_reference_stats``)."""
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 self.accelerator.autocast():
-            stats = sequence_reference_stats(
-                model, model_kwargs, labels, self._fastpref_transform, entropy=self.fastpref.wants_ref_entropy,
-                chunk_size=self.fastpref.chunk_size, backend=self.fastpref.backend,
-                adapter_context=self._reference_context(),
+            return sequence_reference_stats(
+                model, model_kwargs, labels, self._fastpref_transform, entropy=entropy,
+                chunk_size=self.fastpref.chunk_size, backend=self.fastpref.backend, adapter_context=adapter_context,
             )
-        if self._fastpref_lists:
-            # One row per prompt (padded with NaN to the longest list), so gathering keeps prompts whole.
-            sizes = batch["group_sizes"].tolist()
-            rows = torch.nn.utils.rnn.pad_sequence(list(stats["logps"].split(sizes)), batch_first=True,
-                                                   padding_value=float("nan"))
-            return {"ref_logps": self.accelerator.pad_across_processes(rows, dim=1, pad_index=float("nan"))}
-        out = dict(zip(("ref_chosen_logps", "ref_rejected_logps"), stats["logps"].chunk(2)))
-        if "entropy" in stats:
-            out.update(zip(("ref_chosen_entropy", "ref_rejected_entropy"), stats["entropy"].chunk(2)))
-            # for calibrating MallowsPO's c on per-token means (the collator may have truncated the responses)
-            out.update(zip(("ref_chosen_tokens", "ref_rejected_tokens"), stats["num_tokens"].chunk(2)))
-        return out
 
-    def compute_ref_log_probs(self, model, inputs):
-        """Summed reference log-probs of a padded pair batch, computed by fastpref: ``(chosen, rejected)``."""
-        self._fastpref_install()
-        _head.install(self.accelerator.unwrap_model(model))
-        stats = self._reference_sequences(model, inputs)
-        return stats["ref_chosen_logps"], stats["ref_rejected_logps"]
+    def _reference_model(self):
+        """``(model, adapter_context)`` that computes the reference during training."""
+        context = self._reference_context()
+        if context is not None:
+            return self.model, context
+        if self.ref_model is None:
+            raise ValueError(
+                f"fastpref: loss {self.fastpref.loss!r} needs a reference forward on this batch but there is no "
+                "reference model (precompute_ref_log_probs without a ref_model keeps only the precomputed columns)"
+            )
+        return self.ref_model, None
+
+    def _reference_head(self, model_kwargs: dict) -> dict:
+        """``ref_hidden`` / ``ref_weight`` / ``ref_bias`` for the fused pass (the policy's head under PEFT)."""
+        model, context = self._reference_model()
+        # The reference forward may have been patched after accelerate wrapped it in autocast: enter it here.
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                self.accelerator.autocast():
+            if context is not None:
+                hidden, weight, bias = reference_head(model, model_kwargs, adapter_context=context)
+            else:
+                copy = self.is_fsdp_enabled or self.is_deepspeed_enabled
+                hidden, weight, bias = reference_head(model, model_kwargs, copy=copy)
+        return {"ref_hidden": hidden, "ref_weight": weight, "ref_bias": bias}
+
+    def _reference_sequences(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-example reference statistics of one collated batch, as dataset columns (per trainer)."""
+        raise NotImplementedError
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
-        """TRL's precompute, by fastpref, with the reference entropies when the loss needs them.
+        """TRL's precompute of reference statistics, by fastpref (columns: :meth:`_reference_sequences`).
 
-        Adds ``ref_chosen_logps`` / ``ref_rejected_logps`` (lists: ``ref_logps``) and, for MallowsPO,
-        ``ref_chosen_entropy`` / ``ref_rejected_entropy`` (summed over completion tokens) to the dataset.
+        Columns of 2-D values hold one NaN-padded list per example (list losses' K responses).
         """
         if isinstance(dataset, IterableDataset):
             raise ValueError(
@@ -228,7 +339,9 @@ class FastPrefDPOTrainer(DPOTrainer):
                 "Dataset or set `precompute_ref_log_probs=False`."
             )
         self._fastpref_install()
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+        # The columns fastpref adds per batch do not exist yet: collate with the trainer's own collator.
+        collator = self.data_collator.collator if isinstance(self.data_collator, WithColumns) else self.data_collator
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False,
                             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
         loader = self.accelerator.prepare(loader)
         if self.ref_model is None and self.is_deepspeed_enabled:
@@ -246,7 +359,7 @@ class FastPrefDPOTrainer(DPOTrainer):
             for key, value in stats.items():
                 columns[key].append(value.float().cpu())
         for key, parts in columns.items():
-            if key == "ref_logps":  # one list of K values per prompt
+            if parts[0].dim() == 2:  # one list per example
                 values = [[x for x in row.tolist() if not math.isnan(x)] for part in parts for row in part]
             else:
                 values = torch.cat(parts).tolist()
@@ -255,54 +368,131 @@ class FastPrefDPOTrainer(DPOTrainer):
             dataset = dataset.add_column(key, values)
         return dataset
 
-    def _reference_head(self, model_kwargs: dict) -> dict:
-        context = self._reference_context()
-        if context is None and self.ref_model is None:
-            raise ValueError(
-                f"fastpref: loss {self.fastpref.loss!r} needs a reference forward on this batch but there is no "
-                "reference model (precompute_ref_log_probs without a ref_model keeps only log-probs/entropies)"
-            )
-        # The reference forward may have been patched after accelerate wrapped it in autocast: enter it here.
-        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
-                self.accelerator.autocast():
-            if context is not None:
-                hidden, weight, bias = reference_head(self.model, model_kwargs, adapter_context=context)
-            else:
-                copy = self.is_fsdp_enabled or self.is_deepspeed_enabled
-                hidden, weight, bias = reference_head(self.ref_model, model_kwargs, copy=copy)
-        return {"ref_hidden": hidden, "ref_weight": weight, "ref_bias": bias}
+    # ---- logging ----
 
-    # ---- loss ----
-
-    def _compute_loss(self, model, inputs, return_outputs):
-        mode = "train" if self.model.training else "eval"
-        model_kwargs, loss_inputs = split_batch(inputs)
-        model_kwargs["use_cache"] = False
-        labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
-        ref = self._reference_head(model_kwargs) if self.fastpref.needs_ref_head(loss_inputs) else {}
-        columns = {k: inputs[k] for k in self._fastpref_columns if k in inputs and k not in loss_inputs}
-        fn = self.fastpref.closure(labels, self._fastpref_transform, **ref, **loss_inputs, **columns)
-        output = model(**model_kwargs, fastpref_fn=fn)
-        self._log_fastpref(mode, output.metrics, labels, inputs)
-        if return_outputs:
-            warnings.warn(
-                "`return_outputs=True` recomputes the logits with an extra forward pass (the fused loss never "
-                "builds them), as TRL's DPOTrainer does.",
-                FutureWarning,
-                stacklevel=2,
-            )
-            with torch.no_grad():
-                return output.loss, model(**model_kwargs)
-        return output.loss
-
-    def _log_fastpref(self, mode: str, metrics: dict, labels: torch.Tensor, inputs: dict) -> None:
-        for key, value in gather_metrics(metrics, token_counts(labels, self.fastpref.layout),
-                                         self.accelerator.gather).items():
+    def _log_fastpref(self, mode: str, metrics: dict[str, float], inputs: dict) -> None:
+        """Append gathered metrics (:func:`gather_metrics`) and TRL's running token count."""
+        for key, value in metrics.items():
             self._metrics[mode][key].append(value)
         if mode == "train":
             tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
+    def _recomputed_outputs(self, model, model_kwargs: dict):
+        warnings.warn(
+            "`return_outputs=True` recomputes the logits with an extra forward pass (the fused loss never "
+            "builds them), as TRL's trainers do.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        with torch.no_grad():
+            return model(**model_kwargs)
 
-__all__ = ["FastPrefDPOConfig", "FastPrefDPOTrainer", "loss_from_config"]
+
+class FastPrefDPOTrainer(FusedTRLMixin, DPOTrainer):
+    """``DPOTrainer`` whose loss is any fastpref loss, computed by the fused op (no logits).
+
+    Drop-in: replace ``DPOTrainer``/``DPOConfig`` by ``FastPrefDPOTrainer``/``FastPrefDPOConfig``.
+    With ``fastpref_loss=None`` the losses and metrics are TRL's (tested step by step); set
+    ``fastpref_loss="mallows_dpo"`` (``"simpo"``, ``"tdpo2"``, ``"pro"``, ...) for others.
+
+    The reference comes, as in TRL, from ``ref_model``, from the policy with its PEFT adapters
+    disabled, or from ``precompute_ref_log_probs`` — computed by fastpref, with the summed reference
+    token entropies MallowsPO needs stored next to the log-probs (``ref_chosen_entropy``,
+    ``ref_rejected_entropy``). Not supported: ``ld_alpha``, ``padding_free``, MoE auxiliary losses,
+    vision datasets (see :class:`FastPrefDPOConfig` for how every TRL field is treated).
+    """
+
+    _tag_names = ["trl", "dpo", "fastpref"]
+
+    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, **kwargs):
+        if args is None:
+            args = FastPrefDPOConfig(output_dir="fastpref-dpo")
+        self.fastpref = loss_from_config(args)
+        self._fastpref_columns = batch_columns(args)
+        # before TRL's preprocessing and the reference precompute
+        check_columns(self._fastpref_columns, train_dataset=train_dataset, eval_dataset=eval_dataset)
+        # what the reference statistics (precomputed or not) must hold for this loss and these columns
+        self._fastpref_needs = self.fastpref.needs(dict.fromkeys(self._fastpref_columns, "per batch"))
+        if self._fastpref_needs.ref_entropy is not None and args.precompute_ref_log_probs:
+            self._fastpref_columns += ["ref_chosen_entropy", "ref_rejected_entropy"]
+        self._fastpref_lists = self.fastpref.layout == "groups"
+        if self._fastpref_lists and data_collator is None:
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            pad = getattr(tokenizer, "pad_token_id", None)
+            pad = getattr(tokenizer, "eos_token_id", None) if pad is None else pad
+            data_collator = ListwiseCollator(pad_token_id=pad or 0, max_length=args.max_length,
+                                             pad_to_multiple_of=args.pad_to_multiple_of)
+        super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
+        if self._is_vision_dataset:
+            _checks.fail("train_dataset", "is a vision dataset, which FastPrefDPOTrainer does not support")
+        if self.aux_loss_enabled:
+            _checks.fail("router_aux_loss_coef", "(MoE router auxiliary losses) is not supported; set it to 0")
+        self._fastpref_install()
+        self.data_collator = WithColumns(self.data_collator, self._fastpref_columns)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if self._fastpref_lists:
+            return prepare_listwise_dataset(dataset, processing_class, dataset_name, max_length=args.max_length)
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        extra = list(self._fastpref_columns)
+        if self._fastpref_lists:
+            extra += ["completion_ids", "scores", "ref_logps"]
+        self._signature_columns = list(dict.fromkeys(list(self._signature_columns) + extra))
+
+    # ---- reference ----
+
+    def _reference_sequences(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-example reference statistics of one collated batch, as dataset columns."""
+        model_kwargs, _ = split_batch(batch, self.fastpref)
+        labels = completion_labels(batch["input_ids"], batch["completion_mask"])
+        entropy = self._fastpref_needs.ref_entropy is not None
+        stats = self._sequence_logps(model, model_kwargs, labels, entropy=entropy,
+                                     adapter_context=self._reference_context())
+        if self._fastpref_lists:
+            # One row per prompt (padded with NaN to the longest list), so gathering keeps prompts whole.
+            sizes = batch["group_sizes"].tolist()
+            rows = torch.nn.utils.rnn.pad_sequence(list(stats["logps"].split(sizes)), batch_first=True,
+                                                   padding_value=float("nan"))
+            return {"ref_logps": self.accelerator.pad_across_processes(rows, dim=1, pad_index=float("nan"))}
+        out = {}
+        if self._fastpref_needs.ref_logps is not None:
+            out.update(zip(("ref_chosen_logps", "ref_rejected_logps"), stats["logps"].chunk(2)))
+        if entropy:
+            out.update(zip(("ref_chosen_entropy", "ref_rejected_entropy"), stats["entropy"].chunk(2)))
+            # for calibrating MallowsPO's c on per-token means (the collator may have truncated the responses)
+            out.update(zip(("ref_chosen_tokens", "ref_rejected_tokens"), stats["num_tokens"].chunk(2)))
+        return out
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Summed reference log-probs of a padded pair batch, computed by fastpref: ``(chosen, rejected)``."""
+        self._fastpref_install()
+        _head.install(self.accelerator.unwrap_model(model))
+        model_kwargs, _ = split_batch(inputs, self.fastpref)
+        labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
+        logps = self._sequence_logps(model, model_kwargs, labels, adapter_context=self._reference_context())["logps"]
+        return logps.chunk(2)
+
+    # ---- loss ----
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs, loss_inputs = split_batch(inputs, self.fastpref)
+        model_kwargs["use_cache"] = False
+        labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
+        ref = self._reference_head(model_kwargs) if self.fastpref.needs(loss_inputs).run_ref_head else {}
+        fn = self.fastpref.closure(labels, self._fastpref_transform, **ref, **loss_inputs)
+        output = model(**model_kwargs, fastpref_fn=fn)
+        weights = metric_weights(self.fastpref, labels, loss_inputs)
+        self._log_fastpref(mode, gather_metrics(output.metrics, weights, self.accelerator.gather), inputs)
+        if return_outputs:
+            return output.loss, self._recomputed_outputs(model, model_kwargs)
+        return output.loss
+
+
+__all__ = ["FastPrefDPOConfig", "FastPrefDPOTrainer", "FastPrefOptions", "FusedTRLMixin", "loss_from_config"]

@@ -12,6 +12,7 @@ Plain torch; the optional ``processing_class`` is any Hugging Face tokenizer.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,11 @@ import torch
 
 
 class WithColumns:
-    """``collator(examples)`` plus ``torch.tensor([example[k] ...])`` for each column ``k`` present."""
+    """``collator(examples)`` plus ``torch.tensor([example[k] ...])`` for each column ``k``.
+
+    A column missing from the examples is an error naming it (a misspelt column would otherwise
+    silently leave the loss without its input).
+    """
 
     def __init__(self, collator, columns):
         self.collator = collator.collator if isinstance(collator, WithColumns) else collator
@@ -28,8 +33,13 @@ class WithColumns:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(examples)
         for key in self.columns:
-            if key in examples[0] and key not in batch:
-                batch[key] = torch.tensor([example[key] for example in examples])
+            if key in batch:
+                continue
+            if key not in examples[0]:
+                raise ValueError(f"fastpref: batch column {key!r} is missing from the examples (keys: "
+                                 f"{sorted(examples[0])}); keep it in the dataset (remove_unused_columns keeps "
+                                 "the trainer's columns)")
+            batch[key] = torch.tensor([example[key] for example in examples])
         return batch
 
     def __getattr__(self, name):  # pad_token_id, max_length, ... of the wrapped collator
@@ -38,8 +48,10 @@ class WithColumns:
         return getattr(self.collator, name)
 
 
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+def _pad(rows: list[list[int]], value: int, multiple: int | None = None) -> torch.Tensor:
     width = max(len(r) for r in rows)
+    if multiple:
+        width = -(-width // multiple) * multiple
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
@@ -52,15 +64,19 @@ class ListwiseCollator:
     responses are taken as ranked best first) and ``ref_logps`` (K precomputed summed reference
     log-probs). Output: ``input_ids``, ``attention_mask``, ``completion_mask`` ``[S, T]`` with
     ``S = sum K``, ``group_sizes [B]``, and ``scores`` / ``ref_logps`` ``[S]`` when given.
-    ``max_length`` truncates each prompt+response sequence (keeping its start).
+    ``max_length`` truncates each prompt+response sequence (keeping its start); a response left without
+    any token (empty, or cut off entirely) is an error: drop such examples first
+    (:func:`prepare_listwise_dataset` drops those whose prompt fills ``max_length``, as TRL does for pairs).
+    ``pad_to_multiple_of`` rounds the padded length up.
     """
 
     pad_token_id: int = 0
     max_length: int | None = None
+    pad_to_multiple_of: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids, completion, sizes = [], [], []
-        for example in examples:
+        for index, example in enumerate(examples):
             prompt = list(example["prompt_ids"])
             responses = example["completion_ids"]
             if len(responses) < 2:
@@ -70,12 +86,19 @@ class ListwiseCollator:
                 seq, mask = prompt + list(response), [0] * len(prompt) + [1] * len(response)
                 if self.max_length is not None:
                     seq, mask = seq[: self.max_length], mask[: self.max_length]
+                if not any(mask):
+                    raise ValueError(
+                        f"fastpref: example {index} of the batch has a response with no token left "
+                        f"(prompt {len(prompt)} tokens, response {len(response)}, max_length={self.max_length}); "
+                        "drop such examples (prepare_listwise_dataset(..., max_length=...)) or raise max_length"
+                    )
                 ids.append(seq)
                 completion.append(mask)
+        multiple = self.pad_to_multiple_of
         batch = {
-            "input_ids": _pad(ids, self.pad_token_id),
-            "attention_mask": _pad([[1] * len(s) for s in ids], 0),
-            "completion_mask": _pad(completion, 0),
+            "input_ids": _pad(ids, self.pad_token_id, multiple),
+            "attention_mask": _pad([[1] * len(s) for s in ids], 0, multiple),
+            "completion_mask": _pad(completion, 0, multiple),
             "group_sizes": torch.tensor(sizes, dtype=torch.long),
         }
         for key in ("scores", "ref_logps"):
@@ -109,21 +132,31 @@ def tokenize_listwise(example: dict, tokenizer, eos_token: str | None = None) ->
     return {"prompt_ids": prompt[:start], "completion_ids": [ids[start:] for ids in full]}
 
 
-def prepare_listwise_dataset(dataset, processing_class, dataset_name: str = "train"):
-    """Tokenise a list dataset (``prompt``, ``completions``[, ``scores``]) unless it already holds ids."""
-    if "completion_ids" in dataset.column_names:
-        return dataset
-    if "completions" not in dataset.column_names or "prompt" not in dataset.column_names:
-        raise ValueError(
-            f"fastpref: the {dataset_name} dataset of a list loss needs columns 'prompt' and 'completions' "
-            "(K responses per prompt, optional 'scores'), or 'prompt_ids' and 'completion_ids'"
-        )
-    first = dataset[0]
-    if isinstance(first["prompt"], list):
-        raise NotImplementedError("fastpref: conversational list datasets: apply the chat template to text first")
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    return dataset.map(tokenize_listwise, fn_kwargs={"tokenizer": tokenizer, "eos_token": tokenizer.eos_token},
-                       desc=f"fastpref: tokenizing the {dataset_name} list dataset")
+def prepare_listwise_dataset(dataset, processing_class, dataset_name: str = "train", max_length: int | None = None):
+    """Tokenise a list dataset (``prompt``, ``completions``[, ``scores``]) unless it already holds ids.
+
+    With ``max_length``, examples whose prompt alone fills it are dropped (with a warning giving the
+    count), as TRL does for pairs: truncation would leave their responses without a token.
+    """
+    if "completion_ids" not in dataset.column_names:
+        if "completions" not in dataset.column_names or "prompt" not in dataset.column_names:
+            raise ValueError(
+                f"fastpref: the {dataset_name} dataset of a list loss needs columns 'prompt' and 'completions' "
+                "(K responses per prompt, optional 'scores'), or 'prompt_ids' and 'completion_ids'"
+            )
+        if isinstance(dataset[0]["prompt"], list):
+            raise NotImplementedError("fastpref: conversational list datasets: apply the chat template to text first")
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        dataset = dataset.map(tokenize_listwise, fn_kwargs={"tokenizer": tokenizer, "eos_token": tokenizer.eos_token},
+                              desc=f"fastpref: tokenizing the {dataset_name} list dataset")
+    if max_length is not None:
+        before = len(dataset)
+        dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < max_length,
+                                 desc=f"fastpref: dropping fully truncated examples from the {dataset_name} dataset")
+        if len(dataset) < before:
+            warnings.warn(f"fastpref: dropped {before - len(dataset)} of {before} examples of the {dataset_name} "
+                          f"dataset whose prompt alone fills max_length={max_length}", stacklevel=2)
+    return dataset
 
 
 __all__ = ["ListwiseCollator", "WithColumns", "prepare_listwise_dataset", "tokenize_listwise"]

@@ -1,4 +1,5 @@
-"""TRL integration: ``FastPrefDPOTrainer`` (TRL >= 0.29) and a ``dpo_loss`` mixin for legacy TRL (0.9 - 0.28).
+"""TRL integration: ``FastPrefDPOTrainer`` / ``FastPrefKTOTrainer`` (TRL >= 0.29) and a ``dpo_loss`` mixin for
+legacy TRL (0.9 - 0.28).
 
 Importing this module imports neither TRL nor transformers; the names below load them on first use,
 after checking the installed TRL version:
@@ -8,6 +9,11 @@ after checking the installed TRL version:
   by name. One-line change::
 
       from fastpref.integrations.trl import FastPrefDPOConfig as DPOConfig, FastPrefDPOTrainer as DPOTrainer
+
+* :class:`FastPrefKTOTrainer`, :class:`FastPrefKTOConfig` — the same for ``KTOTrainer`` (unpaired
+  desirable / undesirable data): TRL's KTO losses and metrics from fastpref's fused ``"kto"``::
+
+      from fastpref.integrations.trl import FastPrefKTOConfig as KTOConfig, FastPrefKTOTrainer as KTOTrainer
 
 * :class:`FastPrefLegacyDPOMixin` — TRL 0.9 - 0.28 (``DPOTrainer.dpo_loss`` era, LLaMA-Factory's pin):
   ``class MyTrainer(FastPrefLegacyDPOMixin, DPOTrainer)`` runs MallowsPO & co. from the trainer's
@@ -25,6 +31,7 @@ NEW_RANGE = ("0.29.0", "2.0.0")  # the rewritten DPOTrainer (_compute_loss + fus
 LEGACY_RANGE = ("0.9.0", "0.29.0")  # DPOTrainer.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
 
 _NEW = ("FastPrefDPOTrainer", "FastPrefDPOConfig", "loss_from_config")
+_KTO = ("FastPrefKTOTrainer", "FastPrefKTOConfig", "kto_loss_from_config")
 _LEGACY = ("FastPrefLegacyDPOMixin", "completion_lengths")
 
 
@@ -68,6 +75,11 @@ def __getattr__(name: str):
         from . import _trl_trainer
 
         return getattr(_trl_trainer, name)
+    if name in _KTO:
+        check_trl("trainer")
+        from . import _trl_kto
+
+        return getattr(_trl_kto, name)
     if name in _LEGACY:
         from . import _trl_legacy  # no TRL import: the mixin also works on a look-alike trainer
 
@@ -89,8 +101,9 @@ def reference_columns(model, dataset, *, pad_token_id: int, batch_size: int = 8,
     import torch
 
     from . import _head
-    from ._core import completion_labels, sequence_reference_stats
+    from ._core import check_options, completion_labels, sequence_reference_stats
 
+    check_options(chunk_size, 0, backend)
     device = next(model.parameters()).device
     _head.install(model)
     transform = _head.logit_transform(model)
@@ -154,7 +167,14 @@ def train_demo(model, tokenizer, train_dataset, *, loss: str = "mallows_dpo", lo
     import torch
 
     check_trl("trainer")
+    from .._checks import fail
+    from ..losses.registry import get_loss
     from ._trl_trainer import FastPrefDPOConfig, FastPrefDPOTrainer
+
+    if calibrate_dispersion and ("dispersion_c" not in get_loss(loss).hyperparameters or not precompute_ref_log_probs):
+        fail("calibrate_dispersion", f"sets MallowsPO's `dispersion_c` from precomputed reference entropies: it needs "
+                                     f"a MallowsPO loss and precompute_ref_log_probs=True (got loss={loss!r}, "
+                                     f"precompute_ref_log_probs={precompute_ref_log_probs})")
 
     cuda = torch.cuda.is_available()
     settings = dict(
@@ -194,6 +214,7 @@ def dispersion_c_from_columns(dataset, vocab_size: int) -> float:
 
 
 __all__ = [
-    "FastPrefDPOConfig", "FastPrefDPOTrainer", "FastPrefLegacyDPOMixin", "check_trl", "completion_lengths",
-    "dispersion_c_from_columns", "loss_from_config", "reference_columns", "train_demo", "trl_version",
+    "FastPrefDPOConfig", "FastPrefDPOTrainer", "FastPrefKTOConfig", "FastPrefKTOTrainer", "FastPrefLegacyDPOMixin",
+    "check_trl", "completion_lengths", "dispersion_c_from_columns", "kto_loss_from_config", "loss_from_config",
+    "reference_columns", "train_demo", "trl_version",
 ]
