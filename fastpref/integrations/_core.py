@@ -119,25 +119,22 @@ class FusedLoss:
                 rh = rh[:, -labels.shape[1]:].to(hidden.dtype)
                 rw = None if rw is None else rw.to(hidden.dtype)
                 rb = None if rb is None else rb.to(hidden.dtype)
-            with torch.autocast(hidden.device.type, enabled=False):
-                return preference_loss(
-                    hidden, weight, labels, loss=self.loss, bias=bias, ref_hidden=rh, ref_weight=rw, ref_bias=rb,
-                    trl_metrics=trl_metrics, chunk_size=self.chunk_size, logits_budget=self.logits_budget,
-                    backend=self.backend, **transform, **loss_inputs, **self.hparams,
-                )
+            return preference_loss(
+                hidden, weight, labels, loss=self.loss, bias=bias, ref_hidden=rh, ref_weight=rw, ref_bias=rb,
+                trl_metrics=trl_metrics, chunk_size=self.chunk_size, logits_budget=self.logits_budget,
+                backend=self.backend, **transform, **loss_inputs, **self.hparams,
+            )
 
         return fn
 
 
 def _compute_dtype(hidden, weight, bias):
-    """The fused op's operands in one dtype: autocast's when it is on (as ``F.linear`` would run the
-    head, and TRL's fused head does), else the head's (fp32 hidden states meet a bf16 head in bf16).
+    """The hidden states in the head's dtype (fp32 hidden states meet a bf16 head in bf16); under
+    autocast, ``token_stats`` itself runs the head in autocast's dtype, as ``F.linear`` would.
 
     Prompt-learning PEFT prepends virtual tokens, which the caller drops by keeping the last T positions.
     """
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    return hidden.to(weight.dtype), weight, bias
 
 
 def split_batch(inputs: dict, plan: FusedLoss | None = None) -> tuple[dict, dict]:
@@ -185,9 +182,8 @@ def sequence_reference_stats(model, model_kwargs: dict, labels: torch.Tensor, tr
 
     def fn(hidden, weight, bias):
         hidden, weight, bias = _compute_dtype(hidden[:, -labels.shape[1]:], weight, bias)
-        with torch.autocast(hidden.device.type, enabled=False):
-            seq = sequence_logps(hidden, weight, labels, bias=bias, entropy=entropy, detach_entropy=True,
-                                 chunk_size=chunk_size, backend=backend, **transform)
+        seq = sequence_logps(hidden, weight, labels, bias=bias, entropy=entropy, detach_entropy=True,
+                             chunk_size=chunk_size, backend=backend, **transform)
         out = {"logps": seq.sum_logp}
         if entropy:
             out["entropy"], out["num_tokens"] = seq.sum_entropy, seq.num_tokens
