@@ -18,7 +18,8 @@ fwd+bwd steps run interleaved within each round):
 
 * the three GEMMs at full size, each with its GFLOP/s, and their sum, the floor;
 * row work, everything but the GEMMs: ``forward_rows`` + ``backward_rows_`` over all M x V logits in
-  chunks of ``default_chunk_rows(V)`` rows, as % of the floor, for the C++ and the PyTorch backends;
+  each backend's chunks (``get_backend(name).chunk_rows(V, 4)`` rows), as % of the floor, for the C++ and
+  the PyTorch backends;
 * fwd+bwd of ``token_stats`` with the logits kept (``logits_budget`` large: 3 GEMMs) and recomputed
   (``logits_budget=0``: 4 GEMMs, ideal 1.33x the floor), as multiples of the floor;
 * peak extra memory of fwd+bwd, in a fresh subprocess on Linux: the resident high-water mark during
@@ -42,10 +43,10 @@ import pytest
 import torch
 
 import fastpref
+from fastpref.benchmark import peak_bytes, start_peak
 from fastpref.ops import cpu, rows_torch
-from fastpref.ops.dispatch import Want
+from fastpref.ops.backend import Want, get_backend
 from fastpref.ops.reference import reference_token_stats
-from fastpref.ops.token_stats import default_chunk_rows
 
 CI_SHAPE = dict(tokens=256, d=512, vocab=32_000)
 KEEP_ALL = 1 << 62  # logits_budget that keeps every chunk
@@ -149,9 +150,9 @@ def best_seconds(fn: Callable[[], object], reps: int, setup: Callable[[], object
     return min(seconds(fn, setup)[0] for _ in range(reps))
 
 
-def row_work_seconds(rows_module, z: torch.Tensor, y: torch.Tensor, reps: int) -> tuple[float, float]:
+def row_work_seconds(backend: str, rows_module, z: torch.Tensor, y: torch.Tensor, reps: int) -> tuple[float, float]:
     """(forward, backward) seconds of one backend's row kernels over all logits ``z``, chunk by chunk."""
-    rows = default_chunk_rows(z.shape[1])
+    rows = get_backend(backend).chunk_rows(z.shape[1], 4)
     spans = [(s, min(s + rows, z.shape[0])) for s in range(0, z.shape[0], rows)]
     lse = torch.empty(z.shape[0])
     work = torch.empty_like(z)
@@ -170,12 +171,6 @@ def row_work_seconds(rows_module, z: torch.Tensor, y: torch.Tensor, reps: int) -
     return fwd, bwd
 
 
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024  # reported in kB
-
-
 def rss_child(args) -> None:
     """Runs in a fresh process: the peak extra resident memory of a first and of a second fwd+bwd, as JSON.
 
@@ -190,11 +185,9 @@ def rss_child(args) -> None:
     extra = []
     for _ in range(2):
         h.grad = w.grad = None
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # reset the high-water mark to the current resident size
-        before = _proc_status_bytes("VmRSS")
+        before = start_peak("cpu")  # resets the high-water mark to the current resident size
         STEPS[args.rss_child](h, w, y)
-        extra.append(_proc_status_bytes("VmHWM") - before)
+        extra.append(peak_bytes("cpu") - before)
     print(json.dumps({"first": extra[0], "second": extra[1]}))
 
 
@@ -213,7 +206,7 @@ def report(args) -> None:
     m, d, vocab = args.tokens, args.d, args.vocab
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, fastpref C++ kernels: {cpu.isa() or 'not built'}")
-    print(f"M={m} valid tokens, d={d}, V={vocab}, fp32, chunk={default_chunk_rows(vocab)} rows; "
+    print(f"M={m} valid tokens, d={d}, V={vocab}, fp32, chunk={get_backend('cpp').chunk_rows(vocab, 4)} rows (C++); "
           f"best of {args.reps} rounds")
     h, w, y = make_inputs(m, d, vocab)
 
@@ -222,7 +215,7 @@ def report(args) -> None:
     row_work = {}
     backends = {"cpp": cpu, "torch": rows_torch} if cpu.AVAILABLE else {"torch": rows_torch}
     for name, module in backends.items():
-        row_work[name] = row_work_seconds(module, z, y, args.reps)
+        row_work[name] = row_work_seconds(name, module, z, y, args.reps)
     del z
 
     # The floor and the fwd+bwd steps run interleaved, round after round, so that a burst of other
@@ -265,7 +258,7 @@ def report(args) -> None:
               f"({', '.join(f'{x:.1f}' for x in walls)})")
     del h, w, y
 
-    chunk = min(m, default_chunk_rows(vocab)) * vocab * 4
+    chunk = min(m, get_backend("cpp").chunk_rows(vocab, 4)) * vocab * 4
     budget = (vocab * d + m * d) * 4 + chunk
     print(f"\npeak extra resident memory of fwd+bwd (fresh process); budget for recompute = grad_W + grad_hidden"
           f" + one chunk = {budget / MIB:.0f} MiB; kept mode also holds all logits ({m * vocab * 4 / MIB:.0f} MiB)")

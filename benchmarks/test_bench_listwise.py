@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import fastpref
+from fastpref.benchmark import peak_bytes, start_peak
 from fastpref.ops.reference import reference_token_stats
 
 DIM, VOCAB, SEQ, PROMPT = 256, 32000, 64, 16
@@ -114,12 +115,6 @@ def test_list_k4_fwd_bwd(benchmark, list_inputs, impl):
 # ---------------------------------------------------------------- peak memory (a fresh process, Linux)
 
 
-def _rss(field: str) -> int:
-    """``VmRSS`` / ``VmHWM`` (peak RSS) of this process, in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
 def _measure(impl: str, loss: str, tokens: int, vocab: int) -> dict:
     """Peak RSS above the current footprint during one forward + backward (the peak is reset first)."""
     import gc
@@ -136,12 +131,10 @@ def _measure(impl: str, loss: str, tokens: int, vocab: int) -> dict:
         args = (hidden, weight, labels, scores)
         fn = _naive_list if impl == "naive" else lambda *a: _fused_list(*a, chunk_size=chunk)
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    base = _rss("VmRSS")
+    base = start_peak("cpu")  # resets the peak RSS (VmHWM) to the current RSS
     _step(fn, (hidden, weight), *args)
     return {"impl": impl, "loss": loss, "tokens": int((labels != -100).sum()), "vocab": vocab,
-            "extra_mib": round(max(0, _rss("VmHWM") - base) / 2**20, 1)}
+            "extra_mib": round(max(0, peak_bytes("cpu") - base) / 2**20, 1)}
 
 
 def _measure_all(runs: list[tuple[str, str, int, int]]) -> list[dict]:
@@ -168,6 +161,7 @@ def memory_table(losses=("tdpo2", "mppo_pair_mnm")) -> list[dict]:
                                    for impl in ("fastpref", "naive")])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc peak-RSS reset")
 def test_peak_memory_does_not_grow_with_vocab_times_tokens():
     table = memory_table()
