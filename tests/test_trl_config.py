@@ -75,7 +75,6 @@ def test_trl_loss_fields_are_honoured():
     ({"f_alpha_divergence_coef": 0.3}, "f_alpha_divergence_coef"),
     ({"fastpref_loss_kwargs": {"beta": 2.0}}, "fastpref_loss_kwargs"),  # a DPOConfig field: set it there
     ({"ld_alpha": 0.5}, "ld_alpha"),
-    ({"padding_free": True}, "padding_free"),
 ])
 def test_trl_loss_settings_that_would_be_ignored_are_refused(overrides, field):
     with pytest.raises(ValueError, match=f"`{field}`"):

@@ -8,6 +8,8 @@ returns the same quantity), logging and checkpointing are TRL's.
 Per step: the reference backbone runs without gradient when the loss needs it (its hidden states and
 head feed the same fused pass as the policy: no reference logits either), then the policy's forward
 runs its backbone and :func:`fastpref.preference_loss` on the hidden states and the (gathered) head.
+With ``padding_free`` / ``share_prompt`` both forwards (and the precompute) run the packed layout of
+:mod:`fastpref.integrations.packing` and the loss reads its score view.
 
 :class:`FusedTRLMixin` holds what this trainer and ``FastPrefKTOTrainer`` share.
 """
@@ -31,7 +33,7 @@ from trl.trainer.utils import use_adapter
 
 from .. import _checks
 from ..losses.registry import get_loss
-from . import _head
+from . import _head, packing
 from ._core import (
     FusedLoss,
     check_options,
@@ -42,7 +44,7 @@ from ._core import (
     sequence_reference_stats,
     split_batch,
 )
-from .collators import ListwiseCollator, WithColumns, prepare_listwise_dataset
+from .collators import ListwiseCollator, PackedCollator, WithColumns, prepare_listwise_dataset
 
 _TRL_DEFAULT_BETA = 0.1
 # TRL applies label_smoothing to these loss types only (>= 0.29); fastpref's "dpo" would also smooth "sigmoid".
@@ -54,7 +56,7 @@ _TRL_LOSS_FIELDS = {
     "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05, "use_weighting": False,
 }
 # Loss-affecting fields fastpref does not implement (the last two exist in older TRL of the supported range).
-_UNSUPPORTED = {"ld_alpha": None, "padding_free": False, "rpo_alpha": None, "reference_free": False}
+_UNSUPPORTED = {"ld_alpha": None, "rpo_alpha": None, "reference_free": False}
 
 
 @dataclass
@@ -107,12 +109,26 @@ class FastPrefDPOConfig(FastPrefOptions, DPOConfig):
       cDPO: use ``fastpref_loss="dpo", fastpref_loss_kwargs={"label_smoothing": ...}`` for cDPO) or
       with no loss type that uses it / must be 0.
     * ``fastpref_loss_kwargs`` with ``fastpref_loss=None``: may not repeat a DPOConfig loss field.
-    * ``ld_alpha`` (LD-DPO), ``padding_free``: not supported, an error when set.
+    * ``padding_free``: honoured (TRL 1.16 turns it off for DPO; here it packs the batch, see below).
+    * ``ld_alpha`` (LD-DPO): not supported, an error when set.
     * ``sync_ref_model``, ``precompute_ref_log_probs``, ``precompute_ref_batch_size``, ``max_length``,
       ``pad_to_multiple_of``: honoured (precomputed reference log-probs cannot serve losses with a per-token
       KL such as TDPO: an error). List losses keep the start of each sequence: ``truncation_mode="keep_end"``
       is an error there, and examples whose prompt fills ``max_length`` are dropped, as TRL does for pairs.
     * ``router_aux_loss_coef``: MoE auxiliary losses are not supported (an error when enabled).
+
+    Batch layouts (:mod:`fastpref.integrations.packing`; the same loss, metrics and gradients as the
+    padded batch, fewer positions through the backbone, for the policy, the reference and the precompute):
+
+    * ``padding_free``: the batch's sequences packed into rows without padding, position ids restarting
+      at each, a block-diagonal causal 4-D mask (``sdpa`` or ``eager`` attention; flash / flex attention
+      and sliding-window models are refused). Rows hold at most ``packing_max_tokens`` positions (None:
+      the longest sequence, or unit, of the batch — longer rows cost more attention per position);
+      a sequence longer than the budget is an error (``max_length`` truncates first).
+    * ``share_prompt``: each example laid out once, ``prompt · chosen · rejected`` (lists: the prompt and
+      its K responses), each response attending to the prompt and to itself only, so each prompt runs
+      once. Needs ``truncation_mode="keep_start"`` when ``max_length`` truncates. With
+      ``padding_free`` the shared-prompt units are packed into rows.
     """
 
     _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["fastpref_loss_kwargs"]
@@ -128,12 +144,25 @@ class FastPrefDPOConfig(FastPrefOptions, DPOConfig):
     fastpref_batch_columns: list[str] | None = field(
         default=None, metadata={"help": "Dataset columns passed to the loss per batch (e.g. soft_labels)."}
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Pack the batch's sequences into rows without padding (a block-diagonal 4-D mask; sdpa "
+                          "or eager attention)."},
+    )
+    share_prompt: bool = field(
+        default=False,
+        metadata={"help": "Lay each example out once as prompt · chosen · rejected: the prompt runs once."},
+    )
+    packing_max_tokens: int | None = field(
+        default=None, metadata={"help": "Positions per packed row (padding_free); None: the batch's longest unit."}
+    )
 
     def __post_init__(self):
         if self.fastpref_loss is None and self.beta is None:
             self.beta = _TRL_DEFAULT_BETA
         super().__post_init__()  # parses a JSON string of fastpref_loss_kwargs, as TRL's dict fields
         loss_from_config(self)  # every check, before any dataset or model is touched
+        packing_from_config(self)
 
 
 def _accepts(loss: str, key: str) -> bool:
@@ -234,6 +263,37 @@ def loss_from_config(args: DPOConfig) -> FusedLoss:
     return plan
 
 
+@dataclass(frozen=True)
+class PackingOptions:
+    """The batch layout a config asks for (:class:`FastPrefDPOConfig`'s ``padding_free`` / ``share_prompt``)."""
+
+    padding_free: bool
+    share_prompt: bool
+    max_tokens: int | None
+
+    @property
+    def setting(self) -> str:
+        """The option to name in errors."""
+        return "share_prompt" if self.share_prompt else "padding_free"
+
+
+def packing_from_config(args) -> PackingOptions | None:
+    """The packed layout of a (FastPref)DPOConfig, or None for TRL's padded batches; checked."""
+    padding_free, share = bool(getattr(args, "padding_free", False)), bool(getattr(args, "share_prompt", False))
+    max_tokens = getattr(args, "packing_max_tokens", None)
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            _checks.fail("packing_max_tokens", f"must be None or a positive int, got {max_tokens!r}")
+        if not padding_free:
+            _checks.fail("packing_max_tokens", "is the row budget of padding_free=True, which is off")
+    if share and args.max_length is not None and args.truncation_mode != "keep_start":
+        _checks.fail("share_prompt", f"needs truncation_mode='keep_start' (got {args.truncation_mode!r}): 'keep_end' "
+                                     "cuts the prompt of each sequence differently, so there is none to share")
+    if not (padding_free or share):
+        return None
+    return PackingOptions(padding_free, share, max_tokens)
+
+
 def batch_columns(args) -> list[str]:
     """``fastpref_batch_columns`` of a config, checked to be a list of names."""
     columns = getattr(args, "fastpref_batch_columns", None) or []
@@ -272,6 +332,7 @@ class FusedTRLMixin:
     """
 
     fastpref: FusedLoss
+    _fastpref_packing: PackingOptions | None = None
 
     def _fastpref_install(self) -> None:
         """Patch the policy (and reference) forwards; idempotent, also called by the precompute in __init__."""
@@ -279,6 +340,48 @@ class FusedTRLMixin:
         _head.install(self.model)
         if self.ref_model is not None:
             _head.install(self.accelerator.unwrap_model(self.ref_model))
+
+    # ---- batch layout ----
+
+    def _fastpref_collator(self, collator):
+        """``collator`` laying its batches out as the config asks (unchanged for TRL's padded batches)."""
+        options = self._fastpref_packing
+        if options is None or isinstance(collator, PackedCollator):
+            return collator
+        return PackedCollator(collator, padding_free=options.padding_free, share_prompt=options.share_prompt,
+                              max_tokens=options.max_tokens, pad_to_multiple_of=self.args.pad_to_multiple_of)
+
+    def _model_kwargs(self, model, batch: dict) -> dict:
+        """The backbone's keyword arguments for ``batch``: TRL's padded tensors, or a packed batch's
+        ``input_ids``, position ids and 4-D mask (any other model input is refused: the layout cannot carry it)."""
+        model_kwargs, _ = split_batch(batch, self.fastpref)
+        if "score_index" not in batch:
+            return model_kwargs
+        extra = sorted(set(model_kwargs) - set(packing.PACKED_KEYS) - {"num_tokens"})
+        setting = self._fastpref_packing.setting if self._fastpref_packing else "padding_free"
+        if extra:
+            _checks.fail(setting, f"lays out input_ids only; the batch also holds model inputs {extra}")
+        body = self.accelerator.unwrap_model(model)
+        return packing.model_inputs(batch, body.config, body.get_input_embeddings().weight.dtype, setting)
+
+    @staticmethod
+    def _scored(model, batch: dict):
+        """``model`` (patched by :func:`_head.install`) handing its ``fastpref_fn`` the score view of a packed
+        batch (:func:`packing.score_view`); ``model`` itself for a padded batch."""
+        if "score_index" not in batch:
+            return model
+
+        def forward(*, fastpref_fn, **kwargs):
+            return model(**kwargs, fastpref_fn=lambda h, w, b: fastpref_fn(packing.score_view(h, batch)[0], w, b))
+
+        return forward
+
+    @staticmethod
+    def _labels(batch: dict) -> torch.Tensor:
+        """Labels aligned with the (viewed) hidden states: a packed batch's score view, else TRL's rows shifted."""
+        if "score_index" in batch:
+            return batch["score_labels"]
+        return completion_labels(batch["input_ids"], batch["completion_mask"])
 
     # ---- reference ----
 
@@ -311,9 +414,11 @@ class FusedTRLMixin:
             )
         return self.ref_model, None
 
-    def _reference_head(self, model_kwargs: dict) -> dict:
-        """``ref_hidden`` / ``ref_weight`` / ``ref_bias`` for the fused pass (the policy's head under PEFT)."""
+    def _reference_head(self, model_kwargs: dict, batch: dict | None = None) -> dict:
+        """``ref_hidden`` / ``ref_weight`` / ``ref_bias`` for the fused pass (the policy's head under PEFT);
+        the score view of a packed ``batch``."""
         model, context = self._reference_model()
+        model = self._scored(model, batch or {})
         # The reference forward may have been patched after accelerate wrapped it in autocast: enter it here.
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 self.accelerator.autocast():
@@ -339,8 +444,10 @@ class FusedTRLMixin:
                 "Dataset or set `precompute_ref_log_probs=False`."
             )
         self._fastpref_install()
-        # The columns fastpref adds per batch do not exist yet: collate with the trainer's own collator.
+        # The columns fastpref adds per batch do not exist yet: collate with the trainer's own collator,
+        # in the layout of training.
         collator = self.data_collator.collator if isinstance(self.data_collator, WithColumns) else self.data_collator
+        collator = self._fastpref_collator(collator)
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False,
                             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
         loader = self.accelerator.prepare(loader)
@@ -375,14 +482,19 @@ class FusedTRLMixin:
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
         if mode == "train":
-            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            # TRL's count: the real tokens of the padded batch (a packed batch carries it as num_tokens)
+            tokens = inputs["num_tokens"] if "num_tokens" in inputs else inputs["attention_mask"].sum()
+            tokens = self.accelerator.gather_for_metrics(tokens).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     def _recomputed_outputs(self, model, model_kwargs: dict):
+        packed = "" if self._fastpref_packing is None else (
+            f" With {self._fastpref_packing.setting}=True they are laid out as the packed batch's rows (as are "
+            "its input_ids, which TRL hands to compute_metrics as labels), not as TRL's [chosen; rejected] rows.")
         warnings.warn(
             "`return_outputs=True` recomputes the logits with an extra forward pass (the fused loss never "
-            "builds them), as TRL's trainers do.",
+            f"builds them), as TRL's trainers do.{packed}",
             FutureWarning,
             stacklevel=3,
         )
@@ -400,7 +512,8 @@ class FastPrefDPOTrainer(FusedTRLMixin, DPOTrainer):
     The reference comes, as in TRL, from ``ref_model``, from the policy with its PEFT adapters
     disabled, or from ``precompute_ref_log_probs`` — computed by fastpref, with the summed reference
     token entropies MallowsPO needs stored next to the log-probs (``ref_chosen_entropy``,
-    ``ref_rejected_entropy``). Not supported: ``ld_alpha``, ``padding_free``, MoE auxiliary losses,
+    ``ref_rejected_entropy``). ``padding_free`` and ``share_prompt`` lay batches out with fewer
+    backbone positions and the same numbers. Not supported: ``ld_alpha``, MoE auxiliary losses,
     vision datasets (see :class:`FastPrefDPOConfig` for how every TRL field is treated).
     """
 
@@ -411,6 +524,7 @@ class FastPrefDPOTrainer(FusedTRLMixin, DPOTrainer):
         if args is None:
             args = FastPrefDPOConfig(output_dir="fastpref-dpo")
         self.fastpref = loss_from_config(args)
+        self._fastpref_packing = packing_from_config(args)
         self._fastpref_columns = batch_columns(args)
         # before TRL's preprocessing and the reference precompute
         check_columns(self._fastpref_columns, train_dataset=train_dataset, eval_dataset=eval_dataset)
@@ -425,13 +539,23 @@ class FastPrefDPOTrainer(FusedTRLMixin, DPOTrainer):
             pad = getattr(tokenizer, "eos_token_id", None) if pad is None else pad
             data_collator = ListwiseCollator(pad_token_id=pad or 0, max_length=args.max_length,
                                              pad_to_multiple_of=args.pad_to_multiple_of)
-        super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
+        padding_free = args.padding_free
+        args.padding_free = False  # TRL 1.16 warns that it is unavailable and turns it off; the collator does it
+        try:
+            super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class,
+                             **kwargs)
+        finally:
+            args.padding_free = padding_free
         if self._is_vision_dataset:
             _checks.fail("train_dataset", "is a vision dataset, which FastPrefDPOTrainer does not support")
+        if self._fastpref_packing is not None:
+            for body in (self.model, self.ref_model):
+                if body is not None:
+                    packing.check_attention(self.accelerator.unwrap_model(body).config, self._fastpref_packing.setting)
         if self.aux_loss_enabled:
             _checks.fail("router_aux_loss_coef", "(MoE router auxiliary losses) is not supported; set it to 0")
         self._fastpref_install()
-        self.data_collator = WithColumns(self.data_collator, self._fastpref_columns)
+        self.data_collator = WithColumns(self._fastpref_collator(self.data_collator), self._fastpref_columns)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if self._fastpref_lists:
@@ -449,10 +573,9 @@ class FastPrefDPOTrainer(FusedTRLMixin, DPOTrainer):
 
     def _reference_sequences(self, model, batch: dict) -> dict[str, torch.Tensor]:
         """Per-example reference statistics of one collated batch, as dataset columns."""
-        model_kwargs, _ = split_batch(batch, self.fastpref)
-        labels = completion_labels(batch["input_ids"], batch["completion_mask"])
+        model_kwargs, labels = self._model_kwargs(model, batch), self._labels(batch)
         entropy = self._fastpref_needs.ref_entropy is not None
-        stats = self._sequence_logps(model, model_kwargs, labels, entropy=entropy,
+        stats = self._sequence_logps(self._scored(model, batch), model_kwargs, labels, entropy=entropy,
                                      adapter_context=self._reference_context())
         if self._fastpref_lists:
             # One row per prompt (padded with NaN to the longest list), so gathering keeps prompts whole.
@@ -470,24 +593,24 @@ class FastPrefDPOTrainer(FusedTRLMixin, DPOTrainer):
         return out
 
     def compute_ref_log_probs(self, model, inputs):
-        """Summed reference log-probs of a padded pair batch, computed by fastpref: ``(chosen, rejected)``."""
+        """Summed reference log-probs of a pair batch (padded or packed), by fastpref: ``(chosen, rejected)``."""
         self._fastpref_install()
         _head.install(self.accelerator.unwrap_model(model))
-        model_kwargs, _ = split_batch(inputs, self.fastpref)
-        labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
-        logps = self._sequence_logps(model, model_kwargs, labels, adapter_context=self._reference_context())["logps"]
+        model_kwargs, labels = self._model_kwargs(model, inputs), self._labels(inputs)
+        logps = self._sequence_logps(self._scored(model, inputs), model_kwargs, labels,
+                                     adapter_context=self._reference_context())["logps"]
         return logps.chunk(2)
 
     # ---- loss ----
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        model_kwargs, loss_inputs = split_batch(inputs, self.fastpref)
-        model_kwargs["use_cache"] = False
-        labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
-        ref = self._reference_head(model_kwargs) if self.fastpref.needs(loss_inputs).run_ref_head else {}
+        _, loss_inputs = split_batch(inputs, self.fastpref)
+        model_kwargs = {**self._model_kwargs(model, inputs), "use_cache": False}
+        labels = self._labels(inputs)
+        ref = self._reference_head(model_kwargs, inputs) if self.fastpref.needs(loss_inputs).run_ref_head else {}
         fn = self.fastpref.closure(labels, self._fastpref_transform, **ref, **loss_inputs)
-        output = model(**model_kwargs, fastpref_fn=fn)
+        output = self._scored(model, inputs)(**model_kwargs, fastpref_fn=fn)
         weights = metric_weights(self.fastpref, labels, loss_inputs)
         self._log_fastpref(mode, gather_metrics(output.metrics, weights, self.accelerator.gather), inputs)
         if return_outputs:
@@ -495,4 +618,5 @@ class FastPrefDPOTrainer(FusedTRLMixin, DPOTrainer):
         return output.loss
 
 
-__all__ = ["FastPrefDPOConfig", "FastPrefDPOTrainer", "FastPrefOptions", "FusedTRLMixin", "loss_from_config"]
+__all__ = ["FastPrefDPOConfig", "FastPrefDPOTrainer", "FastPrefOptions", "FusedTRLMixin", "PackingOptions",
+           "loss_from_config", "packing_from_config"]

@@ -8,6 +8,8 @@ Plain torch; the optional ``processing_class`` is any Hugging Face tokenizer.
 * :class:`ListwiseCollator` batches prompts with K scored responses each into the ``"groups"`` layout
   of :func:`fastpref.preference_loss`: every prompt's responses in consecutive rows,
   ``group_sizes [B]``, ``scores [S]`` and (precomputed) ``ref_logps [S]`` per response.
+* :class:`PackedCollator` lays the batches of either (or of any padded pair collator) out padding-free
+  and / or with a shared prompt (:mod:`fastpref.integrations.packing`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from . import packing
 
 
 class WithColumns:
@@ -159,4 +163,53 @@ def prepare_listwise_dataset(dataset, processing_class, dataset_name: str = "tra
     return dataset
 
 
-__all__ = ["ListwiseCollator", "WithColumns", "prepare_listwise_dataset", "tokenize_listwise"]
+# What a padded preference batch holds besides per-example columns; a packed batch replaces these.
+_PADDED_KEYS = ("input_ids", "attention_mask", "completion_mask")
+
+
+class PackedCollator:
+    """A padded preference collator's batches laid out padding-free and / or with a shared prompt.
+
+    Wraps a collator of pairs (rows ``[chosen; rejected]``: TRL's ``DataCollatorForPreference``, an
+    older left-padding one) or of lists (with ``group_sizes``: :class:`ListwiseCollator`): the rows it
+    builds, truncated as it truncates them, are read back (:func:`packing.units_from_padded`) and laid
+    out by :func:`packing.pack` (``padding_free`` packs units into rows of at most ``max_tokens``
+    positions; ``share_prompt`` makes one unit per example). The batch holds the packed keys
+    (``input_ids``, ``position_ids``, ``example_ids``, ``branch_ids``, ``score_index``,
+    ``score_labels``), every other key of the wrapped batch (reference columns, ``group_sizes``,
+    ``scores``) and ``num_tokens``: the real tokens of the padded batch, TRL's count.
+    """
+
+    def __init__(self, collator, *, padding_free: bool, share_prompt: bool, max_tokens: int | None = None,
+                 pad_to_multiple_of: int | None = None):
+        self.collator = collator
+        self.padding_free, self.share_prompt = padding_free, share_prompt
+        self.max_tokens, self.pad_to_multiple_of = max_tokens, pad_to_multiple_of
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(examples)
+        missing = [k for k in _PADDED_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"fastpref: `padding_free` / `share_prompt` read the wrapped collator's padded rows, but "
+                             f"its batch lacks {missing} (keys: {sorted(batch)})")
+        sizes = batch["group_sizes"].tolist() if "group_sizes" in batch else None
+        units = packing.units_from_padded(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                          share_prompt=self.share_prompt, group_sizes=sizes)
+        # row-end padding attends only to itself: any token id serves
+        pad = getattr(self.collator, "pad_token_id", None) or 0
+        packed = packing.pack(units, pad_token_id=pad, padding_free=self.padding_free,
+                              max_tokens=self.max_tokens, pad_to_multiple_of=self.pad_to_multiple_of)
+        rest = {k: v for k, v in batch.items() if k not in _PADDED_KEYS}
+        clash = sorted(set(rest) & set(packed))
+        if clash:
+            raise ValueError(f"fastpref: `padding_free` / `share_prompt`: the wrapped collator's batch already has "
+                             f"{clash}, which the packed layout sets")
+        return {**rest, **packed, "num_tokens": batch["attention_mask"].sum()}
+
+    def __getattr__(self, name):  # pad_token_id, max_length, ... of the wrapped collator
+        if name == "collator":
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+
+__all__ = ["ListwiseCollator", "PackedCollator", "WithColumns", "prepare_listwise_dataset", "tokenize_listwise"]
