@@ -75,16 +75,17 @@ def _model(args):
     )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(getattr(torch, args.dtype))
-    generator = torch.Generator().manual_seed(0)
+    # Drawn where the model runs: 1.5B parameters initialised on the CPU cost ~15 s before a GPU step.
+    model = model.to_empty(device=args.device).to(getattr(torch, args.dtype))
+    generator = torch.Generator(device=args.device).manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
                 param.fill_(1.0)
             else:
                 for rows in param.view(param.shape[0], -1).split(4096):
-                    rows.copy_(torch.randn(rows.shape, generator=generator) * 0.02)
-    # Buffers (rotary inverse frequencies) are not parameters: rebuild that module on the CPU.
+                    rows.copy_(torch.randn(rows.shape, generator=generator, device=args.device) * 0.02)
+    # Buffers (rotary inverse frequencies) are not parameters: rebuild that module.
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     return model.to(args.device)
 

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from .benchmark import peak_bytes, start_peak
 
 CASES = ("trl", "padded", "padding_free", "share_prompt", "both")
 LABELS = {
@@ -200,38 +201,6 @@ def optimizer_step(trainer, batch: dict) -> float:
     return float(loss)
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _start_peak() -> int:
-    """Resets the peak-memory counter; returns the current level (CUDA: allocated; CPU: RSS)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    try:  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_bytes("VmRSS")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _peak() -> int:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    try:
-        return _status_bytes("VmHWM")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def measure_in_process(case: str, shape: StepShape, repeats: int = 1) -> dict:
     """One row: the warm-up step's peak memory and loss, the best of ``repeats`` warm steps' time."""
     if case not in CASES:
@@ -241,7 +210,8 @@ def measure_in_process(case: str, shape: StepShape, repeats: int = 1) -> dict:
     batch = step_batch(trainer)
     positions, tokens = batch_sizes(batch)
     times, cpu_times, losses = [], [], []
-    base = _start_peak()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = start_peak(device)
     for _ in range(1 + repeats):
         start, cpu_start = time.perf_counter(), time.process_time()
         losses.append(optimizer_step(trainer, batch))
@@ -250,7 +220,7 @@ def measure_in_process(case: str, shape: StepShape, repeats: int = 1) -> dict:
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
         if len(times) == 1:
-            peak = _peak() - base
+            peak = peak_bytes(device) - base
     return {"case": case, "positions": positions, "tokens": tokens, "losses": losses,
             "collate_s": collate_seconds(trainer), "step_time_s": min(times[1:]) if repeats else None,
             "step_cpu_s": min(cpu_times[1:]) if repeats else None, "cold_time_s": times[0],

@@ -76,6 +76,24 @@ def make_lists(n: int = 8, k: int = 3, vocab: int = 512, seed: int = 0):
     return Dataset.from_dict(rows)
 
 
+def pair_batches(count: int, vocab: int = 256, seed: int = 5) -> list[dict]:
+    """``count`` collated pair batches (2 pairs, 10 tokens, 4 prompt tokens, ragged padding, precomputed
+    reference log-probs): one per rank of the distributed tests."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(3, vocab, (4, 10), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 7:] = 0
+        mask[3, 8:] = 0
+        completion = mask.clone()
+        completion[:, :4] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask, "completion_mask": completion,
+                        "ref_chosen_logps": -torch.rand(2, generator=g) * 30,
+                        "ref_rejected_logps": -torch.rand(2, generator=g) * 30})
+    return batches
+
+
 def frozen_copy(model):
     import copy
 

@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
 
-from integration_helpers import make_model, make_pairs, make_tokenizer, spawn  # noqa: E402
+from integration_helpers import make_model, make_pairs, make_tokenizer, pair_batches, spawn  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -39,19 +39,7 @@ def _close(a, b, tol, what):
 
 
 def _batches():
-    g = torch.Generator().manual_seed(5)
-    batches = []
-    for _ in range(WORLD):
-        ids = torch.randint(3, VOCAB, (4, 10), generator=g)
-        mask = torch.ones_like(ids)
-        mask[1, 7:] = 0
-        mask[3, 8:] = 0
-        completion = mask.clone()
-        completion[:, :4] = 0
-        batches.append({"input_ids": ids, "attention_mask": mask, "completion_mask": completion,
-                        "ref_chosen_logps": -torch.rand(2, generator=g) * 30,
-                        "ref_rejected_logps": -torch.rand(2, generator=g) * 30})
-    return batches
+    return pair_batches(WORLD, VOCAB)
 
 
 def _model():

@@ -171,22 +171,9 @@ def test_vocab_parallel_matches_single_process():
 
 
 def _model_and_batches():
-    from integration_helpers import make_model
+    from integration_helpers import make_model, pair_batches
 
-    model = make_model(vocab=256, hidden=32, layers=2, seed=0, bias=True)
-    g = torch.Generator().manual_seed(5)
-    batches = []
-    for _ in range(WORLD):
-        ids = torch.randint(3, 256, (4, 10), generator=g)
-        mask = torch.ones_like(ids)
-        mask[1, 7:] = 0
-        mask[3, 8:] = 0
-        completion = mask.clone()
-        completion[:, :4] = 0
-        batches.append({"input_ids": ids, "attention_mask": mask, "completion_mask": completion,
-                        "ref_chosen_logps": -torch.rand(2, generator=g) * 30,
-                        "ref_rejected_logps": -torch.rand(2, generator=g) * 30})
-    return model, batches
+    return make_model(vocab=256, hidden=32, layers=2, seed=0, bias=True), pair_batches(WORLD)
 
 
 def _single_process_grads(model, batches):
