@@ -58,6 +58,30 @@ def test_dpo_options():
     raises("bt_beta", fastpref.mmpo_loss, A, B, RA, RB, bt_beta=2.0)  # no scores to scale
 
 
+def test_settings_of_another_variant_are_refused_when_changed():
+    """A setting that acts in one variant only: its default passes anywhere, a changed value only where it acts."""
+    KA, KB = torch.tensor([0.2, 0.1]), torch.tensor([0.3, 0.4])
+    cases = [  # (argument, changed value, call where it would be ignored, call where it acts)
+        ("discopop_tau", 0.1, lambda **kw: fastpref.dpo_loss(A, B, RA, RB, **kw),
+         lambda **kw: fastpref.dpo_loss(A, B, RA, RB, loss_type=["sigmoid", "discopop"], **kw)),
+        ("f_alpha_divergence_coef", 0.3, lambda **kw: fastpref.dpo_loss(A, B, RA, RB, f_divergence_type="js_divergence", **kw),
+         lambda **kw: fastpref.dpo_loss(A, B, RA, RB, f_divergence_type="alpha_divergence", **kw)),
+        ("simpo_gamma", 1.0, lambda **kw: fastpref.cpo_loss(A / 4, B / 4, cpo_alpha=0.0, **kw),
+         lambda **kw: fastpref.cpo_loss(A / 4, B / 4, cpo_alpha=0.0, loss_type="simpo", **kw)),
+        ("sft_coef", 1.0, lambda **kw: fastpref.mallows_dpo_loss(A, B, neg_log_dispersion=1.0, **kw),
+         lambda **kw: fastpref.mallows_dpo_loss(A, B, neg_log_dispersion=1.0, add_sft_loss=True, **kw)),
+        ("s0", 0.5, lambda **kw: fastpref.mallows_phi_dpo_loss(A, B, neg_log_dispersion=1.0, beta=0.1, link="sigmoid", **kw),
+         lambda **kw: fastpref.mallows_phi_dpo_loss(A, B, neg_log_dispersion=1.0, beta=0.1, **kw)),
+        ("alpha", 0.2, lambda **kw: fastpref.tdpo_loss(A, B, RA, RB, KA, KB, tdpo2=False, **kw),
+         lambda **kw: fastpref.tdpo_loss(A, B, RA, RB, KA, KB, **kw)),
+    ]
+    for arg, value, ignored, acting in cases:
+        raises(arg, ignored, **{arg: value})
+        assert torch.isfinite(ignored()[0])  # the default is accepted where it does not act
+        default = acting()[0]
+        assert not torch.allclose(acting(**{arg: value})[0], default), arg  # and the value acts where accepted
+
+
 def test_nll_terms_are_required_or_explicitly_off():
     nll = torch.tensor(2.0)
     raises("policy_nll_loss", fastpref.simpo_loss, A, B, sft_weight=1.0)

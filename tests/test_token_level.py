@@ -20,7 +20,8 @@ def _inputs(seed=0, b=4):
 def test_tdpo_hand_computed(tdpo2):
     (pc, pr, rc, rr), (kc, kr) = _inputs()
     beta, alpha = 0.3, 0.7
-    loss, cr, rj = fastpref.tdpo_loss(pc, pr, rc, rr, kc, kr, beta=beta, alpha=alpha, tdpo2=tdpo2, reduction="none")
+    weight = {"alpha": alpha} if tdpo2 else {}  # TDPO1 refuses a changed alpha (it has none)
+    loss, cr, rj = fastpref.tdpo_loss(pc, pr, rc, rr, kc, kr, beta=beta, tdpo2=tdpo2, reduction="none", **weight)
     for i in range(4):
         margin = (pc[i] - rc[i]).item() - (pr[i] - rr[i]).item()
         delta = kr[i].item() - kc[i].item()

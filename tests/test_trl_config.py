@@ -73,6 +73,7 @@ def test_trl_loss_fields_are_honoured():
     ({"label_smoothing": 0.1, "loss_type": ["ipo"]}, "label_smoothing"),  # no loss type uses it
     ({"discopop_tau": 0.2}, "discopop_tau"),
     ({"f_alpha_divergence_coef": 0.3}, "f_alpha_divergence_coef"),
+    ({"f_divergence_type": "forward_kl", "loss_type": ["nca_pair"]}, "f_divergence_type"),  # plain log-ratios
     ({"fastpref_loss_kwargs": {"beta": 2.0}}, "fastpref_loss_kwargs"),  # a DPOConfig field: set it there
     ({"ld_alpha": 0.5}, "ld_alpha"),
 ])

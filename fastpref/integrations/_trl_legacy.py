@@ -148,6 +148,9 @@ class FastPrefLegacyDPOMixin:
             types = [loss_type] if loss_type is not None else _loss_types(self)
             if len(types) == 1:  # TRL < 0.20 calls dpo_loss without it and has one loss type
                 hparams["loss_type"] = types[0]
+            alpha = "f_alpha_divergence_coef"
+            if settings.get("f_divergence_type") != "alpha_divergence" and settings.get(alpha) == _TRL_LOSS_FIELDS[alpha]:
+                del settings[alpha]  # legacy TRL's default (1.0), unread here; dpo_loss refuses any unread non-default
             for key, value in settings.items():
                 hparams.setdefault(key, value)
         else:

@@ -32,6 +32,7 @@ from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed
 from trl.trainer.utils import use_adapter
 
 from .. import _checks
+from ..losses.pairwise import check_dpo_settings
 from ..losses.registry import get_loss
 from . import _head, packing
 from ._core import (
@@ -197,12 +198,8 @@ def _check_trl_fields(args, name: str | None, types: list[str]) -> None:
         if not set(types) & _SMOOTHED:
             _checks.fail("label_smoothing", f"is used by TRL only for loss_type in {sorted(_SMOOTHED)}; with "
                                             f"loss_type={types} it would be ignored: set label_smoothing=0")
-    if args.discopop_tau != _TRL_LOSS_FIELDS["discopop_tau"] and "discopop" not in types:
-        _checks.fail("discopop_tau", f"is used only by loss_type 'discopop'; with loss_type={types} it would be ignored")
-    if (args.f_alpha_divergence_coef != _TRL_LOSS_FIELDS["f_alpha_divergence_coef"]
-            and args.f_divergence_type != "alpha_divergence"):
-        _checks.fail("f_alpha_divergence_coef", "is used only with f_divergence_type='alpha_divergence'; with "
-                                                f"{args.f_divergence_type!r} it would be ignored")
+    check_dpo_settings(types, f_divergence_type=args.f_divergence_type,
+                       f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau)
 
 
 def _loss_kwargs(args) -> dict:

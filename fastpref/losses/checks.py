@@ -78,3 +78,13 @@ def as_bool_labels(name: str, x) -> torch.Tensor:
     if x.dtype.is_floating_point or x.dtype.is_complex or ((x != 0) & (x != 1)).any():
         _checks.fail(name, f"must be bool or 0/1 integers, got {x.dtype}: {x.tolist()[:8]}")
     return x.bool()
+
+
+def check_used(name: str, value, default, *, used: bool, only: str) -> None:
+    """Refuses a setting changed from its ``default`` where it has no effect (``only`` says where it has one).
+
+    A value the loss would drop trains something other than what was asked; its default is accepted anywhere.
+    """
+    changed = value != default
+    if not used and (bool(changed.any()) if isinstance(changed, torch.Tensor) else changed):
+        _checks.fail(name, f"is {value!r}, but it is used only {only}; here it would be ignored")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .. import _checks
 from ._common import check_label_smoothing, check_pair, detached, reduce, smoothed_logistic
-from .checks import check_choice, check_non_negative, check_number, check_positive
+from .checks import check_choice, check_non_negative, check_number, check_positive, check_used
 from .registry import LossResult, PairBatch, register
 
 DISPERSION_ESTIMATORS = ("mean", "paper_sum")
@@ -185,6 +185,7 @@ def mallows_dpo_loss(
     check_label_smoothing(label_smoothing)
     _checks.flag("add_sft_loss", add_sft_loss)
     check_non_negative("sft_coef", sft_coef)
+    check_used("sft_coef", sft_coef, 0.5, used=add_sft_loss, only="with add_sft_loss=True")
     h = mallows_margin(pc, pr, rc, rr, home_advantage=home_advantage, mixing_alpha=mixing_alpha)
     losses = smoothed_logistic(beta * h * psi, label_smoothing)
     if add_sft_loss:
@@ -295,6 +296,7 @@ def mallows_phi_dpo_loss(
     psi = _check_mallows(pc, pr, rc, rr, neg_log_dispersion, beta, mixing_alpha, home_advantage)
     check_positive("s0", s0)
     check_choice("link", link, PHI_LINKS)
+    check_used("s0", s0, 1.0, used=link == "kendall", only="by link='kendall' (it smooths that link near 0)")
     h = mallows_margin(pc, pr, rc, rr, home_advantage=home_advantage, mixing_alpha=mixing_alpha)
     if link == "sigmoid":
         losses = -F.logsigmoid(beta * h * psi)

@@ -23,7 +23,7 @@ from ._common import (
     reduce,
     smoothed_logistic,
 )
-from .checks import as_bool_labels, check_choice, check_non_negative, check_number, check_positive
+from .checks import as_bool_labels, check_choice, check_non_negative, check_number, check_positive, check_used
 from .registry import LossResult, PairBatch, register
 
 DPO_LOSS_TYPES = (
@@ -94,6 +94,24 @@ def _dpo_terms(name, *, u, beta, eps, tau, chosen_lr, rejected_lr, delta_norm, l
     raise AssertionError(name)  # dpo_loss checked the names
 
 
+def check_dpo_settings(loss_types: list[str], *, f_divergence_type: str, f_alpha_divergence_coef: float,
+                       discopop_tau: float) -> None:
+    """The settings of :func:`dpo_loss` that act only with some loss types, refused where they would not act.
+
+    Shared with the TRL trainer, which checks a ``DPOConfig`` with it at construction.
+    """
+    check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
+    plain = sorted(set(loss_types) - set(F_DIVERGENCE_LOSS_TYPES))
+    if f_divergence_type != "reverse_kl" and plain:
+        _checks.fail("f_divergence_type", f"{f_divergence_type!r} is not applied by loss_type {plain} (they use the "
+                                          f"plain log-ratios); it applies to {list(F_DIVERGENCE_LOSS_TYPES)}")
+    check_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
+    check_used("f_alpha_divergence_coef", f_alpha_divergence_coef, 0.5, used=f_divergence_type == "alpha_divergence",
+               only="with f_divergence_type='alpha_divergence'")
+    check_positive("discopop_tau", discopop_tau)
+    check_used("discopop_tau", discopop_tau, 0.05, used="discopop" in loss_types, only="by loss_type 'discopop'")
+
+
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -119,7 +137,9 @@ def dpo_loss(
     ``ipo``, ``exo_pair``, ``nca_pair``, ``robust``, ``bco_pair``, ``sppo_hard``, ``aot``,
     ``aot_unpaired``, ``apo_zero``, ``apo_down``, ``discopop``, ``sft`` and ``sigmoid_norm`` follow
     TRL's formulas (docs/losses.md, section ``dpo``). A list of loss types sums them with ``loss_weights``
-    (non-negative; default 1 each).
+    (non-negative; default 1 each). A setting the chosen loss types would not read (``label_smoothing``,
+    ``f_divergence_type``, ``f_alpha_divergence_coef``, ``discopop_tau``) must keep its default: a
+    ``ValueError`` names it otherwise, where TRL would drop it.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: ``[B]`` summed log-probs of the policy.
@@ -148,13 +168,8 @@ def dpo_loss(
         _checks.fail("loss_weights", f"has {len(weights)} entries for {len(names)} loss types")
     for w in weights:
         check_non_negative("loss_weights", w)
-    check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
-    plain = sorted(set(names) - set(F_DIVERGENCE_LOSS_TYPES))
-    if f_divergence_type != "reverse_kl" and plain:
-        _checks.fail("f_divergence_type", f"{f_divergence_type!r} is not applied by loss_type {plain} (they use the "
-                                          f"plain log-ratios); it applies to {list(F_DIVERGENCE_LOSS_TYPES)}")
-    check_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
-    check_positive("discopop_tau", discopop_tau)
+    check_dpo_settings(names, f_divergence_type=f_divergence_type,
+                       f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau)
     if "exo_pair" in names:
         check_label_smoothing(label_smoothing, lower_open=True)  # log(eps) needs eps > 0; TRL suggests 1e-3
     elif "robust" in names:

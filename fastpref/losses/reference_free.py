@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import check_label_smoothing, check_pair, detached, reduce, smoothed_logistic, with_nll
-from .checks import check_choice, check_non_negative, check_number, check_positive
+from .checks import check_choice, check_non_negative, check_number, check_positive, check_used
 from .registry import LossResult, PairBatch, register
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
@@ -81,6 +81,7 @@ def cpo_loss(
     check_choice("loss_type", loss_type, CPO_LOSS_TYPES)
     check_label_smoothing(label_smoothing, loss_types=[loss_type], smoothed=("sigmoid", "simpo"))
     check_non_negative("simpo_gamma", simpo_gamma)
+    check_used("simpo_gamma", simpo_gamma, 0.5, used=loss_type == "simpo", only="by loss_type 'simpo'")
     check_number("alpha", alpha)
     check_non_negative("cpo_alpha", cpo_alpha)
     if alpha:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import _checks
 from ._common import check_pair, detached, reduce
-from .checks import check_non_negative, check_positive
+from .checks import check_non_negative, check_positive, check_used
 from .registry import LossResult, PairBatch, register
 
 
@@ -48,7 +48,8 @@ def tdpo_loss(
     _checks.per_example("rejected_kl", rejected_kl, policy_chosen_logps)
     check_positive("beta", beta)
     check_non_negative("alpha", alpha)
-    _checks.flag("tdpo2", tdpo2)
+    tdpo2 = _checks.flag("tdpo2", tdpo2)
+    check_used("alpha", alpha, 0.5, used=tdpo2, only="by TDPO2 (tdpo2=True)")
     chosen_lr = policy_chosen_logps - ref_chosen_logps
     rejected_lr = policy_rejected_logps - ref_rejected_logps
     if tdpo2:
