@@ -90,6 +90,12 @@ def _head(prefix: str, hidden, weight, bias, labels) -> None:
         same_device(b, bias, w, weight)
 
 
+def reference_head_parts(ref_hidden, ref_weight, ref_bias) -> None:
+    """``ref_weight`` / ``ref_bias`` belong to a reference head: without ``ref_hidden`` they would be dropped."""
+    if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
+        fail("ref_hidden", "is required when ref_weight/ref_bias are given (they are the reference head's)")
+
+
 def check_token_inputs(
     hidden, weight, labels, *, bias, ignore_index, ref_hidden, ref_weight, ref_bias, kl, ref_entropy,
     logits_budget, chunk_size, logit_scale, softcap, temperature, flags: dict, vocab_size=None,
@@ -107,8 +113,7 @@ def check_token_inputs(
             fail("ref_weight", f"has {ref_weight.shape[0]} vocabulary rows but `weight` has {weight.shape[0]}")
     elif kl or ref_entropy:
         fail("ref_hidden", "is required when kl=True or ref_entropy=True")
-    elif ref_weight is not None or ref_bias is not None:
-        fail("ref_hidden", "is required when ref_weight/ref_bias are given")
+    reference_head_parts(ref_hidden, ref_weight, ref_bias)
     integer("logits_budget", logits_budget, minimum=0)
     integer("chunk_size", chunk_size, minimum=1, optional=True)
     positive("logit_scale", logit_scale)

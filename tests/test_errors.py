@@ -119,6 +119,11 @@ def test_pairs():
     raises("loss", fastpref.preference_loss, h, w, y, loss="dpo_magic")
     raises("loss", fastpref.PreferenceLoss, "nope")
     raises("reduction", fastpref.preference_loss, h, w, y, loss="simpo", reduction="avg")
+    # a reference head's weight without its hidden states would be dropped (with precomputed log-probs it ran nothing)
+    refs = dict(ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2))
+    raises("ref_hidden", fastpref.preference_loss, h, w, y, loss="dpo", ref_weight=w, **refs)
+    raises("ref_hidden", fastpref.preference_loss, h, w, y, loss="dpo", ref_bias=torch.zeros(20), **refs)
+    raises("ref_hidden", fastpref.token_stats, h, w, y, ref_weight=w)
 
 
 def test_functional_losses():
