@@ -167,7 +167,8 @@ def token_counts(num_tokens: torch.Tensor, chosen_rows: torch.Tensor, rejected_r
 
 
 def _precomputed(name: str, x: torch.Tensor | None, count: int, labels: torch.Tensor, what: str):
-    """A precomputed per-example tensor (reference log-probs / entropies): ``[count]``, finite, as fp32."""
+    """A precomputed per-example tensor (reference log-probs / entropies): ``[count]``, finite, as fp32, detached
+    (a reference gets no gradient, as from the reference head)."""
     if x is not None:
         _checks.per_example(name, x)
         if x.shape[0] != count:
@@ -175,7 +176,7 @@ def _precomputed(name: str, x: torch.Tensor | None, count: int, labels: torch.Te
         _checks.same_device(name, x, "labels", labels)
         if not torch.isfinite(x).all():
             _checks.fail(name, "contains NaN or Inf")
-        x = x.float()
+        x = x.detach().float()
     return x
 
 

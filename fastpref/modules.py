@@ -177,9 +177,12 @@ def preference_loss(
         loss: registry name (:func:`fastpref.available_losses`).
         ref_logps: precomputed ``[S]`` SUMMED reference log-probs, one per sequence (any layout);
             for pairs, ``ref_chosen_logps`` / ``ref_rejected_logps`` (``[B]`` each) are the same.
-            They take precedence over the reference head.
+            They take precedence over the reference head and are detached (a reference gets no gradient).
+            Compute them with the same ``logit_scale`` / ``softcap`` / ``temperature`` (the reference head
+            gets those).
         ref_hidden, ref_weight, ref_bias: a frozen reference head run in the same fused pass
-            (``ref_weight`` defaults to ``weight``). Required by TDPO (per-token KL).
+            (``ref_weight`` defaults to ``weight``, and then ``ref_bias`` to ``bias``). Required by TDPO
+            (per-token KL).
         ref_chosen_entropy, ref_rejected_entropy: precomputed ``[B]`` SUMMED reference token
             entropies for MallowsPO's dispersion. Without them MallowsPO uses the reference head, or,
             when there is none, the policy's own entropy without gradient (a stand-in for the
@@ -214,7 +217,7 @@ def preference_loss(
     """
     spec = get_loss(loss)
     spec.check_hparams(hparams)
-    _checks.check_reduction(reduction)
+    spec.check_reduction(hparams, reduction)
     _checks.flag("trl_metrics", trl_metrics)
     _checks.tensor("labels", labels, floating=False)
     segments = Segments(labels, cu_seqlens, seq_ids, ignore_index=ignore_index)
@@ -303,7 +306,9 @@ class PreferenceLoss(torch.nn.Module):
 
     def __init__(self, loss: str = "dpo", **options):
         super().__init__()
-        get_loss(loss).check_hparams({k: v for k, v in options.items() if k not in FRONT_DOOR_ARGUMENTS})
+        spec = get_loss(loss)
+        spec.check_hparams({k: v for k, v in options.items() if k not in FRONT_DOOR_ARGUMENTS})
+        spec.check_reduction(options, options.get("reduction", "mean"))
         self.loss = loss
         self.options = options
 

@@ -97,6 +97,7 @@ class Segments:
             self.ids = torch.repeat_interleave(torch.arange(self.num, device=labels.device), lengths, output_size=n)
         else:
             _checks.tensor("seq_ids", seq_ids, floating=False)
+            _checks.same_device("seq_ids", seq_ids, "labels", labels)
             if seq_ids.numel() != n:
                 _checks.fail("seq_ids", f"must have one entry per position ({n}), got shape {tuple(seq_ids.shape)}")
             lo, hi = torch.stack([seq_ids.min(), seq_ids.max()]).tolist()
@@ -241,6 +242,10 @@ def reduce_tokens(
     ``weighted_sum_kl = sum_t w_t kl_t`` (SparsePO's masked sums: with TDPO1 they give its objective).
     Raises ``ValueError`` if a sequence has no valid token (its mean would be 0/0).
     """
+    _checks.tensor("labels", labels, floating=False)
+    if not isinstance(stats, TokenStats) or stats.logp.shape != labels.shape:
+        got = f"logp of shape {tuple(stats.logp.shape)}" if isinstance(stats, TokenStats) else type(stats).__name__
+        _checks.fail("stats", f"must be the TokenStats of these labels (shape {tuple(labels.shape)}), got {got}")
     check_token_weights(labels, logp_weights, kl_weights, kl=stats.kl is not None)
     return Segments(labels, cu_seqlens, seq_ids, ignore_index=ignore_index).reduce(stats, logp_weights, kl_weights)
 

@@ -151,3 +151,9 @@ def test_functional_losses():
     raises("vocab_size", fastpref.neg_log_dispersion, a + 1, b + 1, vocab_size=1)
     raises("loss_type", fastpref.simpo_loss, a, b, loss_type="ipo")
     raises("loss_type", fastpref.cpo_loss, a, b, loss_type="x")
+
+
+def test_seq_ids_on_another_device_are_named():
+    h, w, y = good()
+    ids = torch.arange(4).repeat_interleave(5).to("meta")  # cu_seqlens had this check, seq_ids did not
+    raises("seq_ids", fastpref.sequence_logps, h.reshape(1, 20, 8), w, y.reshape(1, 20), seq_ids=ids)

@@ -205,3 +205,89 @@ def test_f_divergence_is_refused_where_the_loss_type_does_not_apply_it(loss_type
     with pytest.raises(ValueError, match="`f_divergence_type`"):
         fastpref.dpo_loss(pc, pr, rc, rr, loss_type=loss_type, f_divergence_type="forward_kl")
     fastpref.dpo_loss(pc, pr, rc, rr, loss_type=loss_type)  # reverse_kl (the default) is what they mean
+
+
+# ---------------------------------------------------------------- shapes and gradients of tensor settings
+
+
+def test_tensor_settings_that_would_broadcast_are_refused():
+    """A [B, 1] tensor setting turned the [B] losses into [B, B] and their mean into another loss."""
+    column = torch.tensor([[0.1], [0.2]])
+    raises("beta", fastpref.dpo_loss, A, B, RA, RB, beta=column)
+    raises("gamma_beta_ratio", fastpref.simpo_loss, A, B, gamma_beta_ratio=column)
+    raises("beta", _front, "dpo", beta=column)
+    pol, ref, d = torch.tensor([-3.0, -4.0, -5.0]), torch.tensor([-3.5, -4.0, -4.5]), torch.tensor([1, 0, 1])
+    for kl in (torch.tensor([[0.1], [0.2], [0.3]]), torch.tensor([0.1, 0.2, 0.3])):  # z is one value per batch
+        raises("kl", fastpref.kto_loss, pol, ref, d, kl=kl)
+    one, _ = fastpref.kto_loss(pol, ref, d, kl=torch.tensor([0.2]), reduction="none")  # an all-reduced [1] is fine
+    assert torch.allclose(one, fastpref.kto_loss(pol, ref, d, kl=0.2, reduction="none")[0])
+
+
+@pytest.mark.parametrize("fn", [fastpref.dpo_plackett_luce_loss, fastpref.lipo_lambda_loss])
+def test_per_prompt_beta_of_list_losses_scales_its_prompt(fn):
+    """A [B] beta used to broadcast over the K responses (B == K: silently another loss)."""
+    g = torch.Generator().manual_seed(0)
+    logps, ref, scores = (torch.randn(3, 3, generator=g) for _ in range(3))
+    beta = torch.tensor([0.1, 0.5, 2.0])
+    per_prompt, _ = fn(logps, ref, scores, beta=beta, reduction="none")
+    # each list on its own (LiPO: every list has 3 pairs, so its B / pairs factor is the batch's 3 / 9)
+    want = torch.cat([fn(logps[i:i + 1], ref[i:i + 1], scores[i:i + 1], beta=b, reduction="none")[0]
+                      for i, b in enumerate(beta.tolist())])
+    assert torch.allclose(per_prompt, want)
+    raises("beta", fn, logps, ref, scores, beta=torch.tensor([0.1, 0.5]))
+
+
+@pytest.mark.parametrize("counts", [[0, 4], [-3, 4], [2.5, 4.0], [NAN, 4.0], [float("inf"), 4.0]])
+def test_token_counts_are_whole_numbers_of_at_least_one(counts):
+    """They were clamped at 1 (a 0 or negative count silently became 1) and fractions were taken as counts."""
+    n = torch.tensor(counts)
+    raises("chosen_num_tokens", fastpref.dpo_loss, A, B, RA, RB, loss_type="ipo", chosen_num_tokens=n,
+           rejected_num_tokens=torch.tensor([3, 4]))
+
+
+def test_aot_has_no_per_pair_losses():
+    """AOT sorts the batch: its 'none' values are sorted positions (TRL's); the front door refuses them."""
+    with pytest.warns(UserWarning, match="SORTED"):
+        fastpref.dpo_loss(A, B, RA, RB, loss_type="aot", reduction="none")
+    raises("reduction", _front, "dpo", loss_type=["sigmoid", "aot_unpaired"], reduction="none")
+    raises("reduction", fastpref.PreferenceLoss, "dpo", loss_type="aot", reduction="none")
+    hidden, weight, labels, ref_hidden = make_batch(4, seed=5)
+    for reduction in ("mean", "sum"):
+        out = fastpref.preference_loss(hidden, weight, labels, loss_type="aot", ref_hidden=ref_hidden,
+                                       reduction=reduction, backend="torch")
+        again = fastpref.preference_loss(hidden, weight, labels, loss_type="aot", ref_hidden=ref_hidden,
+                                         reduction="mean", backend="torch").loss * (2 if reduction == "sum" else 1)
+        assert torch.allclose(out.loss, again)
+
+
+def test_f_divergence_with_sft_alone_is_refused():
+    """'sft' is in TRL's f-divergence list but reads no log-ratio: forward_kl would change nothing."""
+    n = torch.tensor([3, 4])
+    raises("f_divergence_type", fastpref.dpo_loss, A, B, RA, RB, loss_type="sft", f_divergence_type="forward_kl",
+           chosen_num_tokens=n, rejected_num_tokens=n)
+    both, _, _ = fastpref.dpo_loss(A, B, RA, RB, loss_type=["sigmoid", "sft"], f_divergence_type="forward_kl",
+                                   chosen_num_tokens=n, rejected_num_tokens=n)
+    assert torch.isfinite(both)
+
+
+def test_targets_carry_no_gradient():
+    """MMPO's soft labels / quality scores are targets: the loss used to push gradients into them."""
+    labels = torch.tensor([0.3, 0.8], requires_grad=True)
+    scores = torch.tensor([1.0, 2.0], requires_grad=True)
+    pc = A.clone().requires_grad_()
+    fastpref.mmpo_loss(pc, B, RA, RB, soft_labels=labels)[0].backward()
+    fastpref.mmpo_loss(pc, B, RA, RB, chosen_scores=scores, rejected_scores=torch.zeros(2), bt_beta=1.0)[0].backward()
+    assert labels.grad is None and scores.grad is None and pc.grad is not None
+
+
+def test_precomputed_reference_gets_no_gradient_at_the_front_door():
+    """Reference log-probs computed with grad (say by the policy with adapters off) pushed gradients into it."""
+    hidden, weight, labels, _ = make_batch(4, seed=5)
+    ref = torch.tensor([-20.0, -21.0, -19.0, -22.0], requires_grad=True)
+    out = fastpref.preference_loss(hidden.requires_grad_(), weight, labels, ref_logps=ref, backend="torch")
+    out.loss.backward()
+    assert ref.grad is None and hidden.grad is not None
+
+
+def test_calibrate_with_one_tensor_names_the_missing_one():
+    raises("rejected_entropy", fastpref.calibrate_dispersion_c, torch.tensor([1.0, 2.0]), vocab_size=100)

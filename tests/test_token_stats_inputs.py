@@ -169,3 +169,26 @@ def test_importing_and_calling_fastpref_does_not_import_dynamo():
         "print('torch._dynamo' in sys.modules)\n"
     )
     assert _python(code) == "False"
+
+
+def test_reference_head_defaults_to_the_policy_head_with_its_bias():
+    """Without ref_weight the reference is the policy's head; its bias used to be dropped (ref_bias None)."""
+    head = make_head(2, 5, 8, 30, bias=True)
+    labels = make_labels(2, 5, 30, prompt=1)
+    h, w, b = head["hidden"], head["weight"], head["bias"]
+    same = fastpref.token_stats(h, w, labels, bias=b, ref_hidden=h, backend="torch")
+    assert torch.equal(same.ref_logp, same.logp)
+    own = fastpref.token_stats(h, w, labels, bias=b, ref_hidden=h, ref_bias=torch.zeros_like(b), backend="torch")
+    assert torch.equal(own.ref_logp, fastpref.token_stats(h, w, labels, backend="torch").logp)  # an explicit one wins
+    out = fastpref.preference_loss(h, w, labels, bias=b, ref_hidden=h, backend="torch")  # DPO against itself
+    assert abs(out.metrics["rewards/margins"].item()) < 1e-6
+
+
+def test_reduce_tokens_refuses_stats_of_other_labels():
+    """Stats of [R, T'] positions reduced with [R, T] labels summed the wrong columns without a word."""
+    head = make_head(2, 5, 8, 30)
+    labels = make_labels(2, 5, 30, prompt=1)
+    stats = fastpref.token_stats(head["hidden"], head["weight"], labels, backend="torch")
+    with pytest.raises(ValueError, match="`stats`"):
+        fastpref.reduce_tokens(stats, labels[:, :4])
+    assert torch.allclose(fastpref.reduce_tokens(stats, labels).sum_logp, stats.logp.sum(-1))

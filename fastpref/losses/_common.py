@@ -36,13 +36,17 @@ def check_pair(
 
 
 def check_num_tokens(name: str, x, like: torch.Tensor) -> None:
-    """Per-pair token counts: a 1-D integer or floating tensor shaped like ``like`` (``policy_chosen_logps``)."""
+    """Per-pair token counts: a 1-D integer or floating tensor shaped like ``like`` (``policy_chosen_logps``),
+    whole numbers >= 1 (one host synchronisation)."""
     _checks.tensor(name, x, ndim=1)
     if x.dtype == torch.bool or x.dtype.is_complex:
         _checks.fail(name, f"must hold token counts (integers), got {x.dtype}")
     if x.shape != like.shape:
         _checks.fail(name, f"has shape {tuple(x.shape)} but `policy_chosen_logps` has {tuple(like.shape)}")
     _checks.same_device(name, x, "policy_chosen_logps", like)
+    bad = (x < 1) | (x != x.round()) | ~torch.isfinite(x) if x.dtype.is_floating_point else x < 1
+    if bad.any():
+        _checks.fail(name, f"must hold token counts (whole numbers >= 1), got {x[bad].tolist()[:8]}")
 
 
 def logratios(policy: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:

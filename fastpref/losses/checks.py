@@ -26,7 +26,8 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
                  low_open: bool = False, high_open: bool = False) -> None:
     """A finite real number (or floating tensor, every entry) in the given range; ends closed unless ``*_open``.
 
-    A tensor costs one host synchronisation.
+    A tensor is a 0-d value or a per-example ``[B]`` one: ``[B, 1]`` would broadcast the ``[B]`` losses to
+    ``[B, B]``. A tensor costs one host synchronisation.
     """
     lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
     hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
@@ -34,6 +35,9 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
     if isinstance(value, torch.Tensor):
         if not value.dtype.is_floating_point:
             _checks.fail(name, f"must be a real number or a floating tensor, got {_describe(value)}")
+        if value.dim() > 1:
+            _checks.fail(name, f"must be a number, a 0-d tensor or a per-example [B] tensor, got {_describe(value)} "
+                               "(it would broadcast against the per-example values)")
         v = value.detach()
         bad = ~torch.isfinite(v)
         if low is not None:

@@ -24,6 +24,17 @@ def check_list(name: str, x, like: torch.Tensor | None = None, like_name: str = 
         _checks.same_device(name, x, like_name, like)
 
 
+def per_prompt(name: str, value, like: torch.Tensor):
+    """A checked hyperparameter of a list loss (number, 0-d or ``[B]`` tensor) ready to scale ``[B, K]`` values:
+    a ``[B]`` tensor (one value per prompt) becomes ``[B, 1]``, so that it does not broadcast over the K responses."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    if value.shape[0] != like.shape[0]:
+        _checks.fail(name, f"has {value.shape[0]} entries for {like.shape[0]} prompts (one per prompt, or a number)")
+    _checks.same_device(name, value, "policy_logps", like)
+    return value[:, None]
+
+
 def list_mask(
     logps: torch.Tensor,
     mask: torch.Tensor | None,

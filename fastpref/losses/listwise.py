@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import _checks
 from ._common import logratios, reduce
 from .checks import check_non_negative, check_positive
-from .lists import check_list, list_mask, ranked
+from .lists import check_list, list_mask, per_prompt, ranked
 from .registry import GroupBatch, ListLossResult, register
 
 
@@ -78,7 +78,7 @@ def dpo_plackett_luce_loss(
     if ref_logps is not None:
         check_list("ref_logps", ref_logps, policy_logps)
     check_positive("beta", beta)
-    s = beta * logratios(policy_logps, ref_logps)
+    s = per_prompt("beta", beta, policy_logps) * logratios(policy_logps, ref_logps)
     mask_s, _, s_sorted = ranked(mask, scores, s)
     return reduce(plackett_luce_nll(s_sorted, mask_s), reduction), _detached_rewards(s, mask)
 
@@ -197,7 +197,7 @@ def lipo_lambda_loss(
     if ref_logps is not None:
         check_list("ref_logps", ref_logps, policy_logps)
     check_positive("beta", beta)
-    s = beta * logratios(policy_logps, ref_logps)
+    s = per_prompt("beta", beta, policy_logps) * logratios(policy_logps, ref_logps)
     pairs = (scores[:, :, None] > scores[:, None, :]) & mask[:, :, None] & mask[:, None, :]
     pair_losses = lipo_lambda_weights(s, scores, mask) * F.softplus(-(s[:, :, None] - s[:, None, :]))
     per_list = torch.where(pairs, pair_losses, torch.zeros((), dtype=s.dtype, device=s.device)).sum((1, 2))

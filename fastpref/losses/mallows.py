@@ -106,6 +106,9 @@ def calibrate_dispersion_c(
     batches (a dataset pass with the reference model, e.g. from :func:`fastpref.sequence_logps` with
     ``ref_entropy=True``): ``c = 1 / mean(-log H_hat)``.
     """
+    if isinstance(chosen_entropy, torch.Tensor) and rejected_entropy is None:
+        _checks.fail("rejected_entropy", "is required with a `chosen_entropy` tensor (or pass an iterable of "
+                                         "(chosen_entropy, rejected_entropy) batches)")
     batches = [(chosen_entropy, rejected_entropy)] if rejected_entropy is not None else list(chosen_entropy)
     total, count = 0.0, 0
     for chosen, rejected in batches:

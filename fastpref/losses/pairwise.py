@@ -9,6 +9,7 @@ rewards per pair and detached (``beta * log-ratio``, TRL's convention).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from ._common import (
     smoothed_logistic,
 )
 from .checks import as_bool_labels, check_choice, check_non_negative, check_number, check_positive, check_used
-from .registry import LossResult, PairBatch, register
+from .registry import LossResult, PairBatch, batch_sorted, register
 
 DPO_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -105,6 +106,9 @@ def check_dpo_settings(loss_types: list[str], *, f_divergence_type: str, f_alpha
     if f_divergence_type != "reverse_kl" and plain:
         _checks.fail("f_divergence_type", f"{f_divergence_type!r} is not applied by loss_type {plain} (they use the "
                                           f"plain log-ratios); it applies to {list(F_DIVERGENCE_LOSS_TYPES)}")
+    if f_divergence_type != "reverse_kl" and set(loss_types) == {"sft"}:  # in TRL's list, but reads no log-ratio
+        _checks.fail("f_divergence_type", f"{f_divergence_type!r} has no effect on loss_type 'sft' alone (the chosen "
+                                          "NLL reads no log-ratio); combine it with a preference loss type")
     check_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
     check_used("f_alpha_divergence_coef", f_alpha_divergence_coef, 0.5, used=f_divergence_type == "alpha_divergence",
                only="with f_divergence_type='alpha_divergence'")
@@ -148,8 +152,10 @@ def dpo_loss(
         beta: inverse temperature (IPO's tau).
         chosen_num_tokens, rejected_num_tokens: ``[B]`` completion lengths. ``ipo`` and
             ``sigmoid_norm`` divide the log-ratios by them (TRL's per-token normalisation); without
-            them the inputs are taken as already length-normalised. ``sft`` needs them.
-        reduction: ``"mean"`` over pairs, ``"sum"``, or ``"none"``.
+            them the inputs are taken as already length-normalised. ``sft`` needs them; the other loss
+            types do not read them. Whole numbers >= 1.
+        reduction: ``"mean"`` over pairs, ``"sum"``, or ``"none"`` (with ``aot`` / ``aot_unpaired`` the values
+            belong to sorted positions of the batch, not to pairs: a ``UserWarning`` says so).
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, rewards = ``beta * log-ratio`` (detached).
@@ -181,6 +187,11 @@ def dpo_loss(
     if chosen_num_tokens is not None:
         check_num_tokens("chosen_num_tokens", chosen_num_tokens, policy_chosen_logps)
         check_num_tokens("rejected_num_tokens", rejected_num_tokens, policy_chosen_logps)
+    _checks.check_reduction(reduction)
+    if reduction == "none" and batch_sorted(names):  # TRL's convention; the front door refuses it
+        warnings.warn("fastpref: with loss_type 'aot'/'aot_unpaired', reduction='none' gives the losses of the batch's "
+                      "SORTED log-ratios, not of the input pairs: do not weight or select them per pair",
+                      UserWarning, stacklevel=2)
     if "sft" in names and chosen_num_tokens is None:
         _checks.fail("chosen_num_tokens", "is required by loss_type 'sft' (token-mean NLL of the chosen responses)")
 
@@ -192,8 +203,8 @@ def dpo_loss(
         delta_norm = chosen_s - rejected_s
         nll = None
     else:
-        delta_norm = chosen_s / chosen_num_tokens.clamp(min=1) - rejected_s / rejected_num_tokens.clamp(min=1)
-        nll = -policy_chosen_logps.sum() / chosen_num_tokens.sum().clamp(min=1)
+        delta_norm = chosen_s / chosen_num_tokens - rejected_s / rejected_num_tokens
+        nll = -policy_chosen_logps.sum() / chosen_num_tokens.sum()
     ref_logps = (
         (torch.zeros_like(policy_chosen_logps),) * 2
         if ref_chosen_logps is None
@@ -251,7 +262,7 @@ def mmpo_loss(
 
     ``p`` is ``soft_labels`` (``[B]`` in [0, 1]), or the Bradley-Terry probability
     ``sigma(bt_beta * (chosen_scores - rejected_scores))`` of quality scores; neither gives ``p = 1``
-    (plain DPO). ``beta=0.01`` is the official recipe's value.
+    (plain DPO); ``p`` is a target and carries no gradient. ``beta=0.01`` is the official recipe's value.
     """
     check_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, reference="required")
     check_positive("beta", beta)
@@ -274,6 +285,7 @@ def mmpo_loss(
         _checks.fail("bt_beta", "needs `chosen_scores` and `rejected_scores` (the quality scores it scales)")
     else:
         p = torch.ones_like(policy_chosen_logps)
+    p = p.detach()  # a target: no gradient flows into the labels or scores
     chosen_lr = policy_chosen_logps - ref_chosen_logps
     rejected_lr = policy_rejected_logps - ref_rejected_logps
     u = beta * (chosen_lr - rejected_lr)
@@ -325,8 +337,12 @@ def todo_loss(
 def _dpo_from_batch(batch: PairBatch, **hparams) -> LossResult:
     """DPO and every TRL loss_type (summed log-probs; ipo / sigmoid_norm per-token normalised)."""
     nw, nl = batch.num_tokens
-    out = dpo_loss(*batch.inputs(mean=False), chosen_num_tokens=nw, rejected_num_tokens=nl, reduction="none", **hparams)
-    return LossResult(*out)
+    if not batch_sorted(hparams.get("loss_type", "sigmoid")):
+        return LossResult(*dpo_loss(*batch.inputs(mean=False), chosen_num_tokens=nw, rejected_num_tokens=nl,
+                                    reduction="none", **hparams))
+    # AOT sorts the batch: no per-pair losses; their mean, once per pair, gives the front door's mean and sum
+    mean, cr, rr = dpo_loss(*batch.inputs(mean=False), chosen_num_tokens=nw, rejected_num_tokens=nl, **hparams)
+    return LossResult(mean.expand(cr.shape), cr, rr)
 
 
 @register("dpop", function=dpop_loss, reference="required")

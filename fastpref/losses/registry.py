@@ -29,6 +29,14 @@ from ..layouts import (  # noqa: F401  (the layout names and the adapters' batch
 PAIR_OPTIONS = ("use_weighting",)
 # Arguments every adapter passes to its functional loss itself (never hyperparameters).
 ADAPTER_ARGUMENTS = ("reduction",)
+# DPO loss types that sort the batch's log-ratios: their losses belong to sorted positions, not to pairs.
+BATCH_SORTED_LOSS_TYPES = ("aot", "aot_unpaired")
+
+
+def batch_sorted(loss_type) -> list[str]:
+    """The loss types of ``loss_type`` (a name or a list) without per-pair losses (:data:`BATCH_SORTED_LOSS_TYPES`)."""
+    names = [loss_type] if isinstance(loss_type, str) else loss_type if isinstance(loss_type, (list, tuple)) else ()
+    return [name for name in names if name in BATCH_SORTED_LOSS_TYPES]
 
 
 @dataclass(frozen=True)
@@ -90,11 +98,16 @@ class LossSpec:
             return False
         if self.layout != "pairs":
             _checks.fail("use_weighting", f"(WPO) weights preference pairs; loss {self.name!r} takes {self.layout!r}")
-        loss_types = hparams.get("loss_type", ())
-        loss_types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
-        if {"aot", "aot_unpaired"} & set(loss_types):
+        if batch_sorted(hparams.get("loss_type")):
             _checks.fail("use_weighting", "cannot weight 'aot'/'aot_unpaired': they sort the batch, misaligning pairs")
         return True
+
+    def check_reduction(self, hparams: Mapping, reduction: str) -> None:
+        """``reduction="none"`` needs one loss per example: refused for the batch-sorting AOT loss types."""
+        _checks.check_reduction(reduction)
+        if reduction == "none" and batch_sorted(hparams.get("loss_type")):
+            _checks.fail("reduction", "='none' has no per-pair losses with loss_type 'aot'/'aot_unpaired' (they sort "
+                                      "the batch's log-ratios); use 'mean' or 'sum'")
 
 
 LOSSES: dict[str, LossSpec] = {}

@@ -53,7 +53,8 @@ def kto_loss(
         desirable:    desirable_weight   * (1 - sigma(beta (rho - z)))
         undesirable:  undesirable_weight * (1 - sigma(beta (z - rho)))
 
-    ``z = kl`` (see :func:`kto_kl_estimate`; detached), required by ``loss_type="kto"``.
+    ``z = kl`` (one number or a one-element tensor for the batch, see :func:`kto_kl_estimate`; detached),
+    required by ``loss_type="kto"``.
     ``loss_type="apo_zero_unpaired"``: ``1 - sigma(beta rho)`` / ``sigma(beta rho)``, no ``z``.
     ``desirable [n]`` is bool (or 0/1 integers). The mean over all examples is TRL's ``losses.nanmean()``;
     ``reduction="none"`` keeps the input order. Defaults are TRL's.
@@ -79,7 +80,9 @@ def kto_loss(
         if kl is None:
             _checks.fail("kl", "is required by loss_type 'kto': the reference point z (see kto_kl_estimate)")
         check_non_negative("kl", kl)  # z = max(0, KL estimate)
-        z = torch.as_tensor(kl, dtype=rho.dtype, device=rho.device).detach()
+        if isinstance(kl, torch.Tensor) and kl.numel() != 1:  # per-example values would each shift their own rho
+            _checks.fail("kl", f"is the batch's reference point z, one value; got shape {tuple(kl.shape)}")
+        z = torch.as_tensor(kl, dtype=rho.dtype, device=rho.device).detach().reshape(())
         chosen, rejected = 1 - torch.sigmoid(beta * (rho - z)), 1 - torch.sigmoid(beta * (z - rho))
     else:
         if kl is not None:
@@ -108,5 +111,5 @@ def _kto_from_batch(batch: UnpairedBatch, **hparams) -> LossResult:
     losses, rewards = kto_loss(batch.stats.sum_logp, batch.ref_sum_logps, batch.desirable, kl=kl,
                                reduction="none", **hparams)
     desirable = batch.desirable.bool()
-    z = torch.zeros((), device=losses.device) if kl is None else torch.as_tensor(kl, device=losses.device)
+    z = torch.zeros((), device=losses.device) if kl is None else torch.as_tensor(kl, device=losses.device).reshape(())
     return LossResult(losses, rewards[desirable], rewards[~desirable], {"kl": z.detach().float()})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .token_stats import TokenStats
+from .token_stats import TokenStats, reference_head
 
 
 def reference_token_stats(
@@ -70,7 +70,7 @@ def reference_token_stats(
         fields["is_top1"] = (z.argmax(-1) == target) & mask
     if ref_hidden is not None:
         with torch.no_grad():
-            _, logr = log_probs(ref_hidden, weight if ref_weight is None else ref_weight, ref_bias)
+            _, logr = log_probs(ref_hidden, *reference_head(weight, bias, ref_weight, ref_bias))
         fields["ref_logp"] = masked(logr.gather(-1, target[..., None]).squeeze(-1))
         if ref_entropy:
             fields["ref_entropy"] = masked(-(logr.exp() * logr).sum(-1))

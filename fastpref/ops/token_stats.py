@@ -531,6 +531,13 @@ class _ShardedTokenStats(torch.autograd.Function):
 # ---- the public function ----
 
 
+def reference_head(weight, bias, ref_weight, ref_bias):
+    """The reference head's ``(weight, bias)``: without a ``ref_weight``, the policy's head, its bias included."""
+    if ref_weight is None:
+        return weight, bias if ref_bias is None else ref_bias
+    return ref_weight, ref_bias
+
+
 def token_stats(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -569,7 +576,8 @@ def token_stats(
         bias: optional ``[V]`` LM-head bias.
         entropy: also return the policy entropy ``H_t`` (differentiable).
         ref_hidden, ref_weight, ref_bias: a frozen reference head evaluated in the same pass
-            (``ref_weight`` defaults to ``weight``); gives ``ref_logp``. Never receives gradients.
+            (``ref_weight`` defaults to ``weight``, and then ``ref_bias`` to ``bias``: the policy's head);
+            gives ``ref_logp``. Never receives gradients.
         kl: return ``KL(p_ref,t || p_t)`` per token (needs the reference; differentiable w.r.t. the policy).
         ref_entropy: return the reference entropy (no gradient).
         detach_entropy: return ``entropy`` without gradient (for metrics; with a frozen head this
@@ -601,8 +609,8 @@ def token_stats(
         dtype = torch.get_autocast_dtype(device.type)
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias = (
             None if x is None else x.to(dtype) for x in (hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
-    if ref_hidden is not None and ref_weight is None:
-        ref_weight = weight
+    if ref_hidden is not None:
+        ref_weight, ref_bias = reference_head(weight, bias, ref_weight, ref_bias)
     full_vocab = _checks.check_token_inputs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, ref_hidden=ref_hidden,
         ref_weight=ref_weight, ref_bias=ref_bias, kl=kl, ref_entropy=ref_entropy, logits_budget=logits_budget,
