@@ -235,7 +235,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-pairs", type=int_at_least(1), default=8, metavar="N",
                         help="training section: preference pairs per step")
     parser.add_argument("--num-pairs", type=int_at_least(1), default=32, metavar="N",
-                        help="training section: size of the procedural preference set (cycled)")
+                        help="training section: size of the procedural preference set (cycled; a multiple "
+                             "of --batch-pairs)")
     parser.add_argument("--skip", nargs="+", default=[], choices=["memory", "step", "training"],
                         help="sections to leave out")
     parser.add_argument("--out", default="out/demo", metavar="DIR", help="directory for the plots")
@@ -244,6 +245,10 @@ def add_arguments(parser) -> None:
 def run(args) -> None:
     from .benchmark import missing_plot_dependency
 
+    if "training" not in args.skip and args.num_pairs % args.batch_pairs:
+        # cycling the set, a step at its end would hold the remainder of the pairs, not batch_pairs
+        args.parser.error(f"argument --num-pairs: must be a multiple of --batch-pairs ({args.batch_pairs}) so every "
+                          f"step has {args.batch_pairs} pairs, got {args.num_pairs}")
     missing = missing_plot_dependency()
     sections = [("memory", "peak memory of a DPO step at a Llama-3 head: naive grows with the tokens, fastpref "
                            "stays flat", lambda: memory_demo(args.sweep_tokens, args.sweep_d, args.out)),

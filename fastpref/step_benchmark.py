@@ -321,13 +321,17 @@ def summary(rows: list[dict], case: str = "both") -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .cli import int_at_least
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="report", choices=sorted(PRESETS))
     parser.add_argument("--shape", help="a StepShape as JSON (overrides --preset)")
     parser.add_argument("--case", choices=CASES, help="measure one case in this process and print its row as JSON")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
-    parser.add_argument("--repeats", type=int, default=2, help="timed warm steps after the warm-up (best reported)")
-    parser.add_argument("--rounds", type=int, default=1, help="measure every case this many times, interleaved")
+    parser.add_argument("--repeats", type=int_at_least(0), default=2,
+                        help="timed warm steps after the warm-up (best reported)")
+    parser.add_argument("--rounds", type=int_at_least(1), default=1,
+                        help="measure every case this many times, interleaved")
     args = parser.parse_args(argv)
     shape = StepShape(**json.loads(args.shape)) if args.shape else PRESETS[args.preset]
     if args.case:

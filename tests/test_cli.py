@@ -178,3 +178,19 @@ def test_bench_step_section_writes_the_layout_table_and_plot(tmp_path, monkeypat
     assert rows[1]["positions_ratio"] < 1 and rows[1]["loss_delta"] < 1e-4
     assert "| FastPrefDPOTrainer, padding_free + share_prompt |" in out
     assert (tmp_path / "train_step.png").stat().st_size > 0
+
+
+def test_demo_refuses_a_pair_set_that_cannot_fill_every_step(capsys):
+    """``--num-pairs 10 --batch-pairs 8`` trained every other step on 2 pairs (the set is cycled)."""
+    with pytest.raises(SystemExit):
+        main(["demo", "--num-pairs", "10", "--batch-pairs", "8", "--skip", "memory", "step"])
+    assert "argument --num-pairs: must be a multiple of --batch-pairs (8)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, option", [(["--repeats", "-1"], "--repeats"), (["--rounds", "0"], "--rounds")])
+def test_step_benchmark_refuses_counts_out_of_range(argv, option, capsys):
+    from fastpref import step_benchmark
+
+    with pytest.raises(SystemExit) as exit_:
+        step_benchmark.main(argv)
+    assert exit_.value.code == 2 and f"argument {option}: must be an integer >=" in capsys.readouterr().err

@@ -59,3 +59,17 @@ def test_prepare_listwise_dataset_drops_what_truncation_would_empty():
     assert kept["prompt_ids"] == [[5]]
     ListwiseCollator(max_length=3)(list(kept))  # no longer fails
     assert len(prepare_listwise_dataset(data, None, max_length=None)) == 2
+
+
+@pytest.mark.parametrize("key", ["scores", "ref_logps"])
+def test_listwise_collator_refuses_per_response_values_that_do_not_line_up(key):
+    """Two examples of 3 responses with 4 and 2 values flattened to 6: every value scored the wrong response."""
+    examples = [{"prompt_ids": [5, 6], "completion_ids": [[7], [8], [9]], key: [1.0, 2.0, 3.0, 4.0]},
+                {"prompt_ids": [5, 6], "completion_ids": [[7], [8], [9]], key: [1.0, 2.0]}]
+    with pytest.raises(ValueError, match=f"`{key}` of example 0 of the batch has 4 values for its 3 responses"):
+        ListwiseCollator()(examples)
+    # given for some examples only: the others would silently count as ranked best first (or lose their reference)
+    partial = [{"prompt_ids": [5], "completion_ids": [[7], [8]]},
+               {"prompt_ids": [5], "completion_ids": [[7], [8]], key: [1.0, 2.0]}]
+    with pytest.raises(ValueError, match=rf"`{key}` is given for some examples of the batch but not for examples \[0"):
+        ListwiseCollator()(partial)

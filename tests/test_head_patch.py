@@ -144,3 +144,46 @@ def test_coexists_with_trl_fused_head(order):
         want = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         mask = labels[:, 1:] != -100
         torch.testing.assert_close(fused.log_probs[mask], want[mask], rtol=0, atol=1e-5)
+
+
+def _tiny(model_type: str, **config):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64, **config)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type, config", [("bert", {"is_decoder": True}), ("roberta", {"is_decoder": True})])
+def test_heads_with_modules_between_backbone_and_lm_head_are_refused(model_type, config):
+    """BERT / RoBERTa causal-LM heads run a dense + layer norm before the decoder: fusing lm_head.weight onto the
+    backbone's output scored other logits (log-probs off by ~0.3-0.9 nats per token) without a word."""
+    model = _tiny(model_type, **config)
+    ids = _ids()
+    with torch.no_grad():
+        hidden, weight = model.base_model(ids).last_hidden_state, model.get_output_embeddings().weight
+        assert not torch.allclose(hidden @ weight.T + model.get_output_embeddings().bias, model(ids).logits, atol=1e-2)
+    with pytest.raises(ValueError, match="modules besides its backbone and LM head"):
+        _head.install(model)
+
+
+def test_head_config_fields_the_fused_loss_does_not_apply_are_refused():
+    model = make_model(VOCAB, hidden=32)
+    model.config.logits_mup_width_multiplier = 24.0  # Inkling: lm_head(hidden / multiplier)
+    with pytest.raises(ValueError, match="logits_mup_width_multiplier=24.0"):
+        _head.install(model)
+    model = make_model(VOCAB, hidden=32)
+    model.config.unpadded_vocab_size = VOCAB - 8  # Inkling: logits[..., :unpadded_vocab_size]
+    with pytest.raises(ValueError, match=f"unpadded_vocab_size={VOCAB - 8} of {VOCAB}"):
+        _head.install(model)
+
+
+def test_lora_on_the_lm_head_is_refused():
+    """The fused loss reads lm_head.weight: an adapter on the head would never act nor train."""
+    peft = pytest.importorskip("peft")
+    model = make_model(VOCAB, hidden=32)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], lora_dropout=0.0))
+    _head.install(wrapped)
+    with pytest.raises(ValueError, match="LM head carries a PEFT adapter"):
+        wrapped(input_ids=_ids(), fastpref_fn=_grab)

@@ -3,6 +3,7 @@ the materialising computation, gradient accumulation is normalised like TRL, met
 
 from __future__ import annotations
 
+import math
 import random
 import tempfile
 
@@ -165,3 +166,38 @@ def test_evaluation_runs_the_fused_loss_and_logs_its_metrics():
     assert "eval_entropy" in metrics and "rewards/margins" not in metrics
     loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
     assert outputs.logits.shape[:2] == batch["input_ids"].shape and abs(loss.item() - expected.loss.item()) < 1e-5
+
+
+def test_trainer_loss_settings_the_preference_loss_replaces_are_refused():
+    """``label_smoothing_factor`` and ``compute_loss_func`` act on the Trainer's own loss: they were dropped."""
+    model = make_model(VOCAB, seed=1)
+    common = dict(train_dataset=_dataset(), data_collator=collate, ref_model=frozen_copy(model))
+    with pytest.raises(ValueError, match="`label_smoothing_factor` is 0.1"):
+        PrefTrainer(model=model, args=_args(label_smoothing_factor=0.1), **common)
+    with pytest.raises(ValueError, match="`compute_loss_func` would never be called"):
+        PrefTrainer(model=model, args=_args(), compute_loss_func=lambda *a, **k: 0.0, **common)
+
+
+def test_reference_model_runs_without_dropout():
+    """A reference built in train mode (``from_config``) ran its dropout: a different reference every step."""
+    model, ref = make_model(VOCAB, seed=1), make_model(VOCAB, seed=1)
+    for layer in ref.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    ref.train()
+    trainer = PrefTrainer(model=model.eval(), args=_args(), train_dataset=_dataset(), data_collator=collate,
+                          ref_model=ref, fastpref_loss="dpo")
+    assert not trainer.ref_model.training
+    batch = collate([_dataset()[i] for i in range(4)])
+    with torch.no_grad():
+        losses = [trainer.compute_loss(model, batch).item() for _ in range(2)]
+    assert abs(losses[0] - math.log(2)) < 1e-5 and losses[0] == losses[1], losses  # policy == reference
+
+
+def test_reference_with_another_logit_transform_is_refused():
+    """The fused pass applies the policy's softcap / logit scale to the reference head too."""
+    model, ref = make_model(VOCAB, seed=1), make_model(VOCAB, seed=1)
+    ref.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="`ref_model` scales / soft-caps its logits"):
+        PrefTrainer(model=model, args=_args(), train_dataset=_dataset(), data_collator=collate, ref_model=ref)
+    with pytest.raises(ValueError, match="`ref_model` scales / soft-caps its logits"):
+        fastpref_compute_loss(model, collate([_dataset()[i] for i in range(2)]), "dpo", ref_model=ref)

@@ -256,3 +256,93 @@ def test_bf16_autocast_matches_trl():
         for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
             # measured: loss within 1e-5, summed log-probs within 5e-5 relative (same bf16 logits, other fp32 sums)
             assert abs(a[key] - b[key]) <= 2e-3 * (1 + abs(b[key])), f"step {step} {key}: {a[key]} vs {b[key]}"
+
+
+@pytest.mark.parametrize("data", ["pairs", "lists"])
+def test_reference_columns_of_the_dataset_are_ignored_without_precompute(data):
+    """TRL reads ``ref_*`` columns only with precompute_ref_log_probs=True; without it, stale columns in the dataset
+    (a previous run's, another reference's) used to replace the reference model: step 1 (policy == reference)
+    trained on made-up log-ratios instead of ln 2."""
+    if data == "pairs":
+        dataset = make_pairs(8, VOCAB).add_column("ref_chosen_logps", [0.0] * 8).add_column(
+            "ref_rejected_logps", [-50.0] * 8)
+        loss = None
+    else:
+        dataset = make_lists(4, 3, VOCAB).add_column("ref_logps", [[0.0, -50.0, -9.0]] * 4)
+        loss = "dpo_plackett_luce"
+    with pytest.warns(UserWarning, match="precompute_ref_log_probs=False ignores"):
+        _, logs = _train(fp_trl.FastPrefDPOTrainer, fp_trl.FastPrefDPOConfig, precompute=False, dataset=dataset,
+                         max_steps=1, fastpref_loss=loss)
+    if data == "pairs":
+        assert abs(logs[0]["loss"] - math.log(2)) < 1e-4 and logs[0]["rewards/chosen"] == 0.0, logs[0]
+    else:
+        assert abs(logs[0]["loss"] - math.log(6)) < 1e-4, logs[0]  # Plackett-Luce of 3 tied responses: ln 3!
+
+
+def test_list_loss_pad_token_is_checked_like_trl():
+    """List losses build their own collator, where TRL's check of ``pad_token`` never ran."""
+    args = _config(fp_trl.FastPrefDPOConfig, fastpref_loss="pro", pad_token="<nope>")
+    with pytest.raises(ValueError, match="`pad_token` \\('<nope>'\\) is not in the vocabulary"):
+        fp_trl.FastPrefDPOTrainer(make_model(VOCAB), ref_model=make_model(VOCAB), args=args,
+                                  train_dataset=make_lists(4, 3, VOCAB), processing_class=make_tokenizer(VOCAB))
+
+
+# ---- the legacy mixin's dpo_loss, on a look-alike of the legacy DPOTrainer (the real one: test_trl_legacy.py) ----
+
+
+class _LegacyLike:
+    """What a legacy DPOTrainer (TRL 0.12 - 0.28) hands its ``dpo_loss``: its config, ``loss_type`` and the batch."""
+
+    def __init__(self, **args):
+        from types import SimpleNamespace
+
+        settings = dict(beta=0.1, label_smoothing=0.0, f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0,
+                        discopop_tau=0.05, reference_free=False, loss_type=["sigmoid"])
+        settings.update(args)
+        self.args = SimpleNamespace(**settings)
+        self.loss_type = settings["loss_type"]
+        self.model = SimpleNamespace(config=SimpleNamespace(vocab_size=VOCAB))
+
+    def get_batch_loss_metrics(self, model, batch, train_eval="train"):
+        losses, chosen, rejected = self.dpo_loss(batch["pc"], batch["pr"], batch["rc"], batch["rr"], self.loss_type[0])
+        return losses, {"chosen": chosen, "rejected": rejected}
+
+
+def _legacy(loss="dpo", **args):
+    class Trainer(fp_trl.FastPrefLegacyDPOMixin, _LegacyLike):
+        fastpref_loss = loss
+
+    return Trainer(**args)
+
+
+def _legacy_batch():
+    g = torch.Generator().manual_seed(0)
+    return {k: -torch.rand(4, generator=g) * 30 for k in ("pc", "pr", "rc", "rr")}
+
+
+def test_legacy_reference_free_is_honoured_as_trl():
+    """TRL: loss log-ratios ``logp - (not reference_free) * ref``, rewards ``beta * (logp - ref)``; it was dropped."""
+    b = _legacy_batch()
+    losses, metrics = _legacy(reference_free=True, beta=0.2).get_batch_loss_metrics(None, b)
+    torch.testing.assert_close(losses, -torch.nn.functional.logsigmoid(0.2 * (b["pc"] - b["pr"])))
+    torch.testing.assert_close(metrics["chosen"], 0.2 * (b["pc"] - b["rc"]))
+    with pytest.raises(ValueError, match="`reference_free` is a setting of TRL's DPO loss.*'simpo'"):
+        _legacy("simpo", reference_free=True).get_batch_loss_metrics(None, b)
+    with pytest.raises(ValueError, match=r"fastpref_loss_kwargs=\{'reference_free': True\}"):
+        _legacy("mallows_dpo", reference_free=True).get_batch_loss_metrics(None, b)
+
+
+def test_legacy_loss_conventions_fastpref_does_not_share_are_refused():
+    b = _legacy_batch()
+    with pytest.raises(ValueError, match="`loss_type` 'bco_pair' of legacy TRL subtracts a running mean"):
+        _legacy(loss_type=["bco_pair"]).get_batch_loss_metrics(None, b)
+    with pytest.raises(ValueError, match=r"`f_divergence_type`.*'f_alpha_divergence_coef': 0.7\}") as err:
+        _legacy(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3).get_batch_loss_metrics(None, b)
+    assert "(u_l^-a - u_w^-a) / a" in str(err.value)
+    # the suggested settings are legacy TRL's alpha-divergence loss, (u_l^-a - u_w^-a) / a with a = 0.3
+    trainer = _legacy(fastpref_loss_kwargs=None)
+    trainer.fastpref_loss_kwargs = {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.7}
+    losses, _ = trainer.get_batch_loss_metrics(None, b)
+    chosen, rejected = b["pc"] - b["rc"], b["pr"] - b["rr"]
+    logits = (torch.exp(-0.3 * rejected) - torch.exp(-0.3 * chosen)) / 0.3
+    torch.testing.assert_close(losses, -torch.nn.functional.logsigmoid(0.1 * logits))

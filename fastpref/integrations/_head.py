@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import types
 from collections.abc import Iterator
 
@@ -53,6 +54,15 @@ def logit_transform(model) -> dict:
         scale = scaling if getattr(config, "model_type", "") == "hyperclovax" else 1.0 / scaling
     softcap = getattr(config, "final_logit_softcapping", None)
     return {"logit_scale": 1.0 if scale is None else float(scale), "softcap": softcap}
+
+
+def check_reference(policy, ref_model) -> None:
+    """The reference's head must transform its logits as the policy's does: the fused pass applies the
+    policy's :func:`logit_transform` to both."""
+    mine, theirs = logit_transform(policy), logit_transform(ref_model)
+    if mine != theirs:
+        raise ValueError(f"fastpref: `ref_model` scales / soft-caps its logits as {theirs}, the policy as {mine}; the "
+                         "fused loss applies one transform to both: use a reference of the policy's architecture")
 
 
 def _is_fsdp2(module) -> bool:
@@ -141,6 +151,10 @@ def gathered_head(
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"fastpref: {type(model).__name__} has no output embeddings (LM head) to fuse")
+    tuner = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
+    if tuner is not None and isinstance(head, tuner):
+        raise ValueError("fastpref: the LM head carries a PEFT adapter, which the fused loss would ignore (it reads "
+                         "lm_head.weight): remove 'lm_head' from the adapter's target_modules")
     fsdp = _is_fsdp2(model) or _is_fsdp2(head)
     weight = _full(head.weight, owner_is_fsdp=fsdp, grad=grad)
     bias = _full(getattr(head, "bias", None), owner_is_fsdp=fsdp, grad=grad)
@@ -217,6 +231,41 @@ def _previous_forward(target):
     return lambda self, *args, **kwargs: current(*args, **kwargs)
 
 
+def check_head(model) -> None:
+    """Refuse a model whose logits are not what the fused loss computes: ``lm_head`` on the backbone's last
+    hidden state, scaled and soft-capped as :func:`logit_transform` reads from the config.
+
+    Catches parameters outside both the backbone and the head (BERT-style prediction transforms,
+    RoBERTa / ModernBERT decoder heads) and config fields of a head the fused loss does not apply.
+    """
+    head = model.get_output_embeddings()
+    try:
+        body = backbone(model)
+    except ValueError:
+        return  # the forward raises the same error
+    if head is None:
+        return  # so does gathered_head
+    inside = {id(p) for p in body.parameters()} | {id(p) for p in head.parameters()}
+    extra = sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters() if id(p) not in inside})
+    if extra:
+        raise ValueError(
+            f"fastpref: {type(model).__name__} computes its logits through modules besides its backbone and LM head "
+            f"({', '.join(extra[:4])}), which the fused loss would skip: it applies lm_head.weight to the backbone's "
+            "last hidden state"
+        )
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    multiplier = getattr(config, "logits_mup_width_multiplier", None)
+    unpadded = getattr(config, "unpadded_vocab_size", None)
+    weight = getattr(head, "weight", None)
+    rows = weight.shape[0] if weight is not None and weight.dim() == 2 else None
+    if multiplier not in (None, 1, 1.0) or (unpadded is not None and rows is not None and unpadded < rows):
+        raise ValueError(
+            f"fastpref: {type(model).__name__}'s head divides the hidden states by logits_mup_width_multiplier="
+            f"{multiplier} and / or keeps the first unpadded_vocab_size={unpadded} of {rows} logits, which the fused "
+            "loss does not apply"
+        )
+
+
 def install(model) -> None:
     """Patch ``model.forward``: ``model(..., fastpref_fn=fn)`` runs the backbone and returns ``fn(...)``.
 
@@ -234,6 +283,7 @@ def install(model) -> None:
     installed = getattr(target.__dict__.get(_INSTALLED), "__func__", None)
     if getattr(installed, "fastpref_patch", False):
         return  # maybe wrapped since by accelerate (autocast), which must stay outermost
+    check_head(target)
     target.__dict__[_PREVIOUS] = _previous_forward(target)
     target.forward = types.MethodType(_forward_for(type(target)), target)
     # A separate record of the patch: what an unpickled copy restores here is no longer the patch.

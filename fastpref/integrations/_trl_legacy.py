@@ -73,9 +73,12 @@ class FastPrefLegacyDPOMixin:
 
     * ``fastpref_loss``: a pairwise fastpref loss name (default ``"mallows_dpo"``). With ``"dpo"`` the
       trainer's own ``loss_type`` (each of a list, weighted by TRL), ``beta``, ``label_smoothing``,
-      ``f_divergence_type``, ``f_alpha_divergence_coef`` and ``discopop_tau`` apply unless
-      ``fastpref_loss_kwargs`` sets them; any other loss refuses a non-default TRL ``loss_type``,
-      ``label_smoothing`` or f-divergence (they would be ignored) and warns about an unused ``beta``.
+      ``f_divergence_type``, ``f_alpha_divergence_coef``, ``discopop_tau`` and ``reference_free`` apply
+      unless ``fastpref_loss_kwargs`` sets them (refused where legacy TRL's convention differs from
+      fastpref's: ``loss_type="bco_pair"``, with its running mean, and ``"alpha_divergence"``, whose
+      coefficient ``a`` is fastpref's ``1 - a``); any other loss refuses a non-default TRL ``loss_type``,
+      ``label_smoothing``, f-divergence or ``reference_free`` (they would be ignored) and warns about an
+      unused ``beta``.
     * ``fastpref_loss_kwargs``: its hyperparameters (``beta`` included);
     * ``fastpref_logps_are_means``: whether the trainer already divided its log-probs by the
       completion length (LLaMA-Factory does for ipo/orpo/simpo; legacy TRL for every loss type when its
@@ -144,10 +147,21 @@ class FastPrefLegacyDPOMixin:
         hparams = dict(self.fastpref_loss_kwargs or {})
         args = getattr(self, "args", None)
         settings = {} if args is None else {k: _value(getattr(args, k)) for k in _TRL_LOSS_FIELDS if hasattr(args, k)}
+        reference_free = bool(getattr(args, "reference_free", False))
         if self._fastpref_as_trl():
             types = [loss_type] if loss_type is not None else _loss_types(self)
             if len(types) == 1:  # TRL < 0.20 calls dpo_loss without it and has one loss type
                 hparams["loss_type"] = types[0]
+            if "bco_pair" in types:
+                _checks.fail("loss_type", "'bco_pair' of legacy TRL subtracts a running mean of the rewards, which "
+                                          "fastpref's 'dpo' (TRL >= 0.29's bco_pair) does not: use another loss type")
+            if settings.get("f_divergence_type") == "alpha_divergence" and "f_divergence_type" not in hparams:
+                coef = settings.get("f_alpha_divergence_coef", _TRL_LOSS_FIELDS["f_alpha_divergence_coef"])
+                _checks.fail("f_divergence_type", f"'alpha_divergence' of legacy TRL scores (u_l^-a - u_w^-a) / a, "
+                                                  "fastpref's 'dpo' TRL >= 0.29's (u^(a-1) - 1) / (a-1): leave "
+                                                  "DPOConfig's at 'reverse_kl' and pass fastpref_loss_kwargs="
+                                                  "{'f_divergence_type': 'alpha_divergence', "
+                                                  f"'f_alpha_divergence_coef': {1 - coef!r}}} (the same loss)")
             alpha = "f_alpha_divergence_coef"
             if settings.get("f_divergence_type") != "alpha_divergence" and settings.get(alpha) == _TRL_LOSS_FIELDS[alpha]:
                 del settings[alpha]  # legacy TRL's default (1.0), unread here; dpo_loss refuses any unread non-default
@@ -162,6 +176,12 @@ class FastPrefLegacyDPOMixin:
                 if key in settings and settings[key] != _TRL_LOSS_FIELDS[key]:
                     _checks.fail(key, f"is a setting of TRL's DPO loss ({settings[key]!r}), not used by fastpref_loss="
                                       f"{self.fastpref_loss!r}: leave it at its default, or use fastpref_loss='dpo'")
+            if reference_free:
+                hint = ("pass fastpref_loss_kwargs={'reference_free': True}" if "reference_free" in
+                        FusedLoss(self.fastpref_loss).spec.hyperparameters else
+                        f"loss {self.fastpref_loss!r} has no such setting")
+                _checks.fail("reference_free", f"is a setting of TRL's DPO loss, not read by fastpref_loss="
+                                               f"{self.fastpref_loss!r}: leave it False; {hint}")
             beta = settings.get("beta", _TRL_LOSS_FIELDS["beta"])
             if beta != _TRL_LOSS_FIELDS["beta"] and "beta" not in hparams:
                 warnings.warn(f"fastpref: DPOConfig.beta={beta} is not used by fastpref_loss={self.fastpref_loss!r}; "
@@ -186,10 +206,15 @@ class FastPrefLegacyDPOMixin:
             nw = nl = None
         else:
             nw, nl = (n.to(pc.device).clamp(min=1) for n in lengths)
+        rewards_ref = None
         if self._fastpref_as_trl():
             # TRL's own loss types take the four tensors as TRL made them (per-token means for every type
             # of a list that includes "ipo"): one token per sequence keeps them as they are.
             nw = nl = None
+            if bool(getattr(getattr(self, "args", None), "reference_free", False)):
+                # TRL: the loss's log-ratios are logp - (not reference_free) * ref; its rewards keep the reference
+                rewards_ref = (rc, rr)
+                rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
         elif self.fastpref_logps_are_means:
             if nw is None:
                 _checks.fail("fastpref_logps_are_means", "needs completion lengths in the batch to recover sums")
@@ -230,7 +255,12 @@ class FastPrefLegacyDPOMixin:
             hparams[key] = batch[key]
         result = plan.spec.compute(pair, **hparams)
         self._fastpref_metrics = {k: v.detach() for k, v in result.metrics.items()}
-        return result.losses, result.chosen_rewards, result.rejected_rewards
+        chosen_rewards, rejected_rewards = result.chosen_rewards, result.rejected_rewards
+        if rewards_ref is not None:
+            beta = hparams.get("beta", _TRL_LOSS_FIELDS["beta"])
+            ref = [torch.zeros_like(pc) if r is None else r for r in rewards_ref]
+            chosen_rewards, rejected_rewards = (beta * (p - r).detach() for p, r in ((pc, ref[0]), (pr, ref[1])))
+        return result.losses, chosen_rewards, rejected_rewards
 
 
 __all__ = ["FastPrefLegacyDPOMixin", "completion_lengths"]

@@ -58,6 +58,10 @@ _TRL_LOSS_FIELDS = {
 }
 # Loss-affecting fields fastpref does not implement (the last two exist in older TRL of the supported range).
 _UNSUPPORTED = {"ld_alpha": None, "rpo_alpha": None, "reference_free": False}
+# Precomputed reference statistics a batch may carry. TRL reads them only with precompute_ref_log_probs=True
+# (which computes them); otherwise its reference is the reference model, whatever columns the dataset holds.
+_REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_chosen_entropy",
+                      "ref_rejected_entropy")
 
 
 @dataclass
@@ -116,6 +120,8 @@ class FastPrefDPOConfig(FastPrefOptions, DPOConfig):
       ``pad_to_multiple_of``: honoured (precomputed reference log-probs cannot serve losses with a per-token
       KL such as TDPO: an error). List losses keep the start of each sequence: ``truncation_mode="keep_end"``
       is an error there, and examples whose prompt fills ``max_length`` are dropped, as TRL does for pairs.
+      With ``precompute_ref_log_probs=False`` reference columns the dataset already holds (``ref_chosen_logps``,
+      ``ref_logps``, ...) are ignored, as TRL does, with a warning: the reference model runs.
     * ``router_aux_loss_coef``: MoE auxiliary losses are not supported (an error when enabled).
 
     Batch layouts (:mod:`fastpref.integrations.packing`; the same loss, metrics and gradients as the
@@ -337,6 +343,7 @@ class FusedTRLMixin:
         _head.install(self.model)
         if self.ref_model is not None:
             _head.install(self.accelerator.unwrap_model(self.ref_model))
+            _head.check_reference(self.model, self.accelerator.unwrap_model(self.ref_model))
 
     # ---- batch layout ----
 
@@ -532,9 +539,13 @@ class FastPrefDPOTrainer(FusedTRLMixin, DPOTrainer):
         self._fastpref_lists = self.fastpref.layout == "groups"
         if self._fastpref_lists and data_collator is None:
             tokenizer = getattr(processing_class, "tokenizer", processing_class)
-            pad = getattr(tokenizer, "pad_token_id", None)
-            pad = getattr(tokenizer, "eos_token_id", None) if pad is None else pad
-            data_collator = ListwiseCollator(pad_token_id=pad or 0, max_length=args.max_length,
+            pad = 0
+            if tokenizer is not None:  # TRL's choice of pad token, checked as TRL checks it
+                token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+                if token not in tokenizer.get_vocab():
+                    _checks.fail("pad_token", f"({token!r}) is not in the vocabulary of the processing_class")
+                pad = tokenizer.convert_tokens_to_ids(token)
+            data_collator = ListwiseCollator(pad_token_id=pad, max_length=args.max_length,
                                              pad_to_multiple_of=args.pad_to_multiple_of)
         padding_free = args.padding_free
         args.padding_free = False  # TRL 1.16 warns that it is unavailable and turns it off; the collator does it
@@ -556,7 +567,8 @@ class FastPrefDPOTrainer(FusedTRLMixin, DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if self._fastpref_lists:
-            return prepare_listwise_dataset(dataset, processing_class, dataset_name, max_length=args.max_length)
+            return prepare_listwise_dataset(dataset, processing_class, dataset_name, max_length=args.max_length,
+                                            num_proc=args.dataset_num_proc)
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _set_signature_columns_if_needed(self):
@@ -600,9 +612,24 @@ class FastPrefDPOTrainer(FusedTRLMixin, DPOTrainer):
 
     # ---- loss ----
 
+    def _reference_inputs(self, loss_inputs: dict) -> dict:
+        """``loss_inputs`` without the dataset's reference columns unless ``precompute_ref_log_probs`` made them:
+        as in TRL, the reference is then the reference model (or the policy without its adapters)."""
+        if self.precompute_ref_logps:
+            return loss_inputs
+        stale = sorted(set(loss_inputs) & set(_REFERENCE_COLUMNS))
+        if stale and not getattr(self, "_fastpref_warned_stale", False):
+            self._fastpref_warned_stale = True
+            warnings.warn(f"fastpref: the batches hold reference columns {stale}, which precompute_ref_log_probs=False "
+                          "ignores (as TRL does): the reference model runs instead. Set precompute_ref_log_probs=True "
+                          "to train from precomputed reference statistics (it recomputes them).", UserWarning,
+                          stacklevel=3)
+        return {k: v for k, v in loss_inputs.items() if k not in _REFERENCE_COLUMNS}
+
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         _, loss_inputs = split_batch(inputs, self.fastpref)
+        loss_inputs = self._reference_inputs(loss_inputs)
         model_kwargs = {**self._model_kwargs(model, inputs), "use_cache": False}
         labels = self._labels(inputs)
         ref = self._reference_head(model_kwargs, inputs) if self.fastpref.needs(loss_inputs).run_ref_head else {}

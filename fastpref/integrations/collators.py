@@ -106,8 +106,18 @@ class ListwiseCollator:
             "group_sizes": torch.tensor(sizes, dtype=torch.long),
         }
         for key in ("scores", "ref_logps"):
-            if key in examples[0]:
-                batch[key] = torch.tensor([float(v) for example in examples for v in example[key]])
+            holders = [i for i, example in enumerate(examples) if example.get(key) is not None]
+            if not holders:
+                continue
+            if len(holders) < len(examples):
+                missing = sorted(set(range(len(examples))) - set(holders))
+                raise ValueError(f"fastpref: `{key}` is given for some examples of the batch but not for examples "
+                                 f"{missing}: give it for every example or for none")
+            for index, (example, size) in enumerate(zip(examples, sizes)):
+                if len(example[key]) != size:
+                    raise ValueError(f"fastpref: `{key}` of example {index} of the batch has {len(example[key])} "
+                                     f"values for its {size} responses: one per response, in their order")
+            batch[key] = torch.tensor([float(v) for example in examples for v in example[key]])
         return batch
 
 
@@ -136,11 +146,13 @@ def tokenize_listwise(example: dict, tokenizer, eos_token: str | None = None) ->
     return {"prompt_ids": prompt[:start], "completion_ids": [ids[start:] for ids in full]}
 
 
-def prepare_listwise_dataset(dataset, processing_class, dataset_name: str = "train", max_length: int | None = None):
+def prepare_listwise_dataset(dataset, processing_class, dataset_name: str = "train", max_length: int | None = None,
+                             num_proc: int | None = None):
     """Tokenise a list dataset (``prompt``, ``completions``[, ``scores``]) unless it already holds ids.
 
     With ``max_length``, examples whose prompt alone fills it are dropped (with a warning giving the
     count), as TRL does for pairs: truncation would leave their responses without a token.
+    ``num_proc``: processes of the ``map`` / ``filter`` (``DPOConfig.dataset_num_proc``).
     """
     if "completion_ids" not in dataset.column_names:
         if "completions" not in dataset.column_names or "prompt" not in dataset.column_names:
@@ -152,10 +164,10 @@ def prepare_listwise_dataset(dataset, processing_class, dataset_name: str = "tra
             raise NotImplementedError("fastpref: conversational list datasets: apply the chat template to text first")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         dataset = dataset.map(tokenize_listwise, fn_kwargs={"tokenizer": tokenizer, "eos_token": tokenizer.eos_token},
-                              desc=f"fastpref: tokenizing the {dataset_name} list dataset")
+                              num_proc=num_proc, desc=f"fastpref: tokenizing the {dataset_name} list dataset")
     if max_length is not None:
         before = len(dataset)
-        dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < max_length,
+        dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < max_length, num_proc=num_proc,
                                  desc=f"fastpref: dropping fully truncated examples from the {dataset_name} dataset")
         if len(dataset) < before:
             warnings.warn(f"fastpref: dropped {before - len(dataset)} of {before} examples of the {dataset_name} "

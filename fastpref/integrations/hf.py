@@ -120,6 +120,7 @@ def fastpref_compute_loss(model, inputs: dict, loss: FusedLoss | str = "dpo", *,
         peft = _peft_reference(model) if ref_model is None else None
         if ref_model is not None:
             _head.install(getattr(ref_model, "module", ref_model))
+            _head.check_reference(getattr(model, "module", model), getattr(ref_model, "module", ref_model))
             hidden, weight, bias = reference_head(ref_model, model_kwargs, copy=copy_ref_head)
             ref = {"ref_hidden": hidden, "ref_weight": weight, "ref_bias": bias}
         elif peft is not None:
@@ -139,8 +140,10 @@ class FastPrefTrainerMixin:
     """Mix into ``transformers.Trainer`` (first in the bases): the loss is a fastpref loss by name.
 
     Extra constructor keywords: ``fastpref_loss`` (default ``"dpo"``), ``fastpref_loss_kwargs``,
-    ``ref_model`` (prepared for evaluation by the accelerator), ``fastpref_options`` (``chunk_size``,
-    ``logits_budget``, ``backend``), all checked when the trainer is built. Metrics are averaged over
+    ``ref_model`` (frozen, put in eval mode and prepared for evaluation by the accelerator),
+    ``fastpref_options`` (``chunk_size``, ``logits_budget``, ``backend``), all checked when the trainer
+    is built. The Trainer's own loss settings, ``compute_loss_func`` and ``label_smoothing_factor``,
+    are refused: the preference loss replaces that loss. Metrics are averaged over
     the logging interval under TRL's names (``eval_*`` during evaluation, where the fused loss runs on
     every batch). ``compute_loss(..., return_outputs=True)`` recomputes the logits with an extra
     forward, as TRL's trainers do.
@@ -157,6 +160,14 @@ class FastPrefTrainerMixin:
             _checks.fail("fastpref_options", f"has unknown keys {unknown}; accepted: {list(OPTIONS)}")
         self.fastpref = FusedLoss(fastpref_loss, dict(fastpref_loss_kwargs or {}), **options)
         super().__init__(*args, **kwargs)
+        if getattr(self, "compute_loss_func", None) is not None:
+            _checks.fail("compute_loss_func", "would never be called: the loss is fastpref_loss="
+                                              f"{self.fastpref.loss!r}; leave it None")
+        if self.args.label_smoothing_factor:
+            _checks.fail("label_smoothing_factor", f"is {self.args.label_smoothing_factor}, but it smooths the "
+                                                   "Trainer's token cross-entropy, which the preference loss replaces; "
+                                                   "set it to 0 (a loss's own label_smoothing goes in "
+                                                   "fastpref_loss_kwargs)")
         # Older transformers read only these: no loss kwargs -> divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         # Patch before accelerate wraps the forwards (autocast, fp32 outputs), so the wrappers enclose the
@@ -164,8 +175,9 @@ class FastPrefTrainerMixin:
         _head.install(self.model)
         self.ref_model = None
         if ref_model is not None:
-            ref_model.requires_grad_(False)
+            ref_model.requires_grad_(False).eval()  # frozen, no dropout: the Trainer trains (and .train()s) the policy
             _head.install(ref_model)
+            _head.check_reference(self.model, ref_model)
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         self._fastpref_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
