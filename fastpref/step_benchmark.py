@@ -227,11 +227,14 @@ def measure_in_process(case: str, shape: StepShape, repeats: int = 1) -> dict:
             "peak_extra_bytes": peak, "repeats": repeats, "threads": torch.get_num_threads(), **asdict(shape)}
 
 
-def measure(case: str, shape: StepShape, repeats: int = 1, timeout: float = 3600) -> dict:
-    """:func:`measure_in_process` in a fresh process (its peak memory is its own); a failure gives ``error``."""
+def measure(case: str, shape: StepShape, repeats: int = 1, timeout: float = 3600, cpu_only: bool = False) -> dict:
+    """:func:`measure_in_process` in a fresh process (its peak memory is its own); a failure gives ``error``.
+
+    ``cpu_only`` hides any GPU from that process (the step otherwise runs on CUDA where there is one)."""
     cmd = [sys.executable, "-m", "fastpref.step_benchmark", "--case", case, "--repeats", str(repeats),
            "--shape", json.dumps(asdict(shape))]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ})
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if cpu_only else {})}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if out.returncode != 0:
         reason = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit status {out.returncode}"
         return {"case": case, "error": reason, **asdict(shape)}
@@ -269,19 +272,25 @@ def best_of(rows: list[dict]) -> dict:
 
 
 def run(shape: StepShape | str = "demo", cases=CASES, repeats: int = 1, isolate: bool = True,
-        progress=None, rounds: int = 1) -> list[dict]:
+        progress=None, rounds: int = 1, cpu_only: bool = False) -> list[dict]:
     """Every case of one batch, side by side: rows for :func:`table` (see :func:`measure_in_process`).
 
     ``shape``: a :class:`StepShape` or a preset name (``"report"``, ``"demo"``, ``"ci"``); ``isolate``
     runs each case in a fresh process (peak memory per case); ``progress(row)`` is called after each case.
     ``rounds`` > 1 measures every case again, interleaved, and keeps each case's fastest step: on a
-    shared machine the load changes while the cases run one after another.
+    shared machine the load changes while the cases run one after another. ``cpu_only``: on CPU even
+    where there is a GPU (each case's process does not see it; needs ``isolate``).
     """
+    if cpu_only and not isolate and torch.cuda.is_available():
+        raise ValueError("fastpref: `cpu_only` needs `isolate=True` (this process sees the GPU)")
     shape = PRESETS[shape] if isinstance(shape, str) else shape
     measured = {case: [] for case in cases}
     for _ in range(rounds):
         for case in cases:
-            row = measure(case, shape, repeats) if isolate else measure_in_process(case, shape, repeats)
+            if isolate:
+                row = measure(case, shape, repeats, cpu_only=cpu_only)
+            else:
+                row = measure_in_process(case, shape, repeats)
             measured[case].append(row)
             if progress is not None:
                 progress(row)

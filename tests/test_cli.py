@@ -168,10 +168,16 @@ def test_demo_without_matplotlib_says_so_first_and_prints_the_table(tmp_path, mo
 def test_bench_step_section_writes_the_layout_table_and_plot(tmp_path, monkeypatch, capsys):
     from fastpref import step_benchmark
 
-    monkeypatch.setattr(step_benchmark, "measure",
-                        lambda case, shape, repeats=1: step_benchmark.measure_in_process(case, shape, repeats))
+    asked = []
+
+    def in_process(case, shape, repeats=1, cpu_only=False):
+        asked.append(cpu_only)
+        return step_benchmark.measure_in_process(case, shape, repeats)
+
+    monkeypatch.setattr(step_benchmark, "measure", in_process)
     main(["bench", "--sections", "step", "--step-preset", "ci", "--step-cases", "padded", "both", "--repeats", "1",
-          "--out", str(tmp_path)])
+          "--out", str(tmp_path), "--device", "cpu"])
+    assert asked == [True, True]  # --device cpu reaches the step section's processes
     out = capsys.readouterr().out
     rows = json.loads((tmp_path / "results.json").read_text())["train_step"]["rows"]
     assert [r["case"] for r in rows] == ["padded", "both"]
@@ -194,3 +200,20 @@ def test_step_benchmark_refuses_counts_out_of_range(argv, option, capsys):
     with pytest.raises(SystemExit) as exit_:
         step_benchmark.main(argv)
     assert exit_.value.code == 2 and f"argument {option}: must be an integer >=" in capsys.readouterr().err
+
+
+def test_cpu_only_step_processes_do_not_see_a_gpu(monkeypatch):
+    """``bench --device cpu`` ran the step section on CUDA wherever there was a GPU."""
+    from fastpref import step_benchmark
+
+    seen = []
+
+    def fake_run(cmd, env, **kwargs):
+        seen.append(env.get("CUDA_VISIBLE_DEVICES"))
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({"case": "padded"}), stderr="")
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(step_benchmark.subprocess, "run", fake_run)
+    step_benchmark.measure("padded", step_benchmark.PRESETS["ci"], cpu_only=True)
+    step_benchmark.measure("padded", step_benchmark.PRESETS["ci"])
+    assert seen == ["", "0"]
