@@ -63,3 +63,41 @@ def test_no_graph_break():
     explained = torch._dynamo.explain(_dpo_step)(model, ids, labels, ref, entropy=True, budget=0)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+_COMPILED_FIRST = """
+import sys
+if sys.argv[1] == "unbuilt":
+    sys.modules["fastpref.ops._cpu_rows"] = None  # the C++ extension missing: CPU falls back to 'torch'
+import warnings
+import torch, fastpref
+def loss(h, w, y):
+    return fastpref.token_stats(h, w, y, entropy=True).logp.sum()
+h = torch.randn(2, 5, 16, requires_grad=True)
+w = torch.randn(32, 16, requires_grad=True)
+y = torch.randint(0, 32, (2, 5))
+compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(h, w, y)
+compiled.backward()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    eager = loss(h.detach(), w.detach(), y)
+assert torch.allclose(compiled, eager, rtol=1e-5), (compiled, eager)
+print("compiled first:", compiled.item(), "| eager warned:", [str(c.message)[:40] for c in caught])
+"""
+
+
+@pytest.mark.parametrize("extension", ["built", "unbuilt"])
+def test_first_call_can_be_compiled(extension):
+    """The process's first fastpref call inside ``fullgraph=True``: choosing (and so loading) the backend
+    traces without a graph break (an eager call before would hide one), also when the C++ extension is
+    missing; the fallback's warning then comes with the first eager call (dynamo cannot trace warnings)."""
+    import subprocess
+    import sys
+
+    if extension == "built" and not fastpref.backends()["cpp"]:
+        pytest.skip("the C++ extension is not built here")
+    out = subprocess.run([sys.executable, "-c", _COMPILED_FIRST, extension], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "compiled first" in out.stdout, out.stderr[-3000:]
+    warned = "the 'cpp' backend is not avail" in out.stdout
+    assert warned == (extension == "unbuilt"), out.stdout

@@ -21,7 +21,6 @@ one warning. float64 inputs always use ``torch`` (the fused kernels compute in f
 
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
 from collections.abc import Callable
@@ -180,7 +179,7 @@ def resolve(device: torch.device, backend: str | None = None, dtype: torch.dtype
     preferred = _DEFAULTS.get(device.type, "torch")
     if _usable(_REGISTRY[preferred], device):
         return _REGISTRY[preferred]
-    if preferred not in _warned:
+    if preferred not in _warned and not torch.compiler.is_compiling():  # dynamo cannot trace warnings.warn
         _warned.add(preferred)
         warnings.warn(
             f"fastpref: the {preferred!r} backend is not available for {device.type} tensors; "
@@ -201,17 +200,25 @@ def backends() -> dict[str, bool]:
     return {name: any(_usable(b, d) for d in devices) for name, b in _REGISTRY.items()}
 
 
-def _module(path: str, available: str = "AVAILABLE") -> Callable[[], RowKernels | None]:
-    """Loader of a kernel module that says whether it can run through a module attribute."""
+# Plain import statements, not importlib: torch.compile traces the first call too (dynamo runs an
+# import statement, but cannot trace importlib), so the backend loads without a graph break. The
+# kernel modules never raise ImportError; they say through AVAILABLE whether they can run.
+def _load_torch() -> RowKernels:
+    from . import rows_torch
 
-    def load() -> RowKernels | None:
-        try:
-            module = importlib.import_module(path, __package__)
-        except ImportError:
-            return None
-        return module if getattr(module, available, True) else None
+    return rows_torch
 
-    return load
+
+def _load_cpp() -> RowKernels | None:
+    from . import cpu
+
+    return cpu if cpu.AVAILABLE else None
+
+
+def _load_triton() -> RowKernels | None:
+    from . import triton
+
+    return triton if triton.AVAILABLE else None
 
 
 def _triton_runs_on(device: torch.device) -> bool:
@@ -222,9 +229,9 @@ def _triton_runs_on(device: torch.device) -> bool:
 # KL): 128 MiB chunks. The C++ kernels have none, and MKL runs the chunk GEMMs faster with 512 rows
 # than with 256 at V = 128k: 256 MiB. GPUs need a few thousand rows per chunk so that each GEMM reuses
 # every byte of W it reads (~2048 rows at V = 128k in bf16): 512 MiB in the input dtype.
-register_backend(Backend("torch", _module(".rows_torch"), ("cpu", "cuda", "mps", "xpu"), 128 * 2**20))
-register_backend(Backend("cpp", _module(".cpu"), ("cpu",), 256 * 2**20), default_for=("cpu",))
-register_backend(Backend("triton", _module(".triton"), ("cuda", "cpu"), 512 * 2**20, chunk_fp32=False,
+register_backend(Backend("torch", _load_torch, ("cpu", "cuda", "mps", "xpu"), 128 * 2**20))
+register_backend(Backend("cpp", _load_cpp, ("cpu",), 256 * 2**20), default_for=("cpu",))
+register_backend(Backend("triton", _load_triton, ("cuda", "cpu"), 512 * 2**20, chunk_fp32=False,
                          runs_on=_triton_runs_on), default_for=("cuda",))
 
 __all__ = ["Backend", "RowKernels", "Want", "backends", "get_backend", "kernels", "register_backend", "resolve"]
