@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -100,6 +101,11 @@ def frozen_copy(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
+def assert_max_diff(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> None:
+    err = (a.double() - b.double()).abs().max().item()
+    assert err <= tol, f"{what}: max |diff| {err:.3g} > {tol}"
+
+
 def free_port() -> int:
     import socket
 
@@ -119,11 +125,17 @@ def _spawned(rank, world, port, fn, args, errors):
     try:
         torch.manual_seed(0)
         fn(rank, *args)
+        dist.barrier()  # no rank leaves while another still runs collectives
     except BaseException:  # reported to the parent, which fails the test with the traceback
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
     finally:
         dist.destroy_process_group()
+    # Leave without interpreter finalization: gloo's (and DeepSpeed's) worker threads can still hold
+    # tensors then, and freeing them during shutdown aborts the process (SIGABRT) after a passing run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn, *args, world: int = 2) -> None:

@@ -20,7 +20,8 @@ import torch
 pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
 
-from integration_helpers import make_model, make_pairs, make_tokenizer, pair_batches, spawn  # noqa: E402
+from integration_helpers import (  # noqa: E402
+    assert_max_diff, make_model, make_pairs, make_tokenizer, pair_batches, spawn)
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +32,6 @@ ZERO3 = {
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # partition the head too
     "zero_allow_untested_optimizer": True,
 }
-
-
-def _close(a, b, tol, what):
-    err = (a.double() - b.double()).abs().max().item()
-    assert err <= tol, f"{what}: max |diff| {err:.3g} > {tol}"
 
 
 def _batches():
@@ -73,13 +69,14 @@ def _engine_matches_single_process(rank):
     assert head.weight.numel() == 0 and head.bias.numel() == 0  # released once the gradient is accumulated
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
-    _close(loss / WORLD, want_loss, 1e-6, "loss")
+    assert_max_diff(loss / WORLD, want_loss, 1e-6, "loss")
     for name, param in engine.module.named_parameters():
-        _close(safe_get_full_grad(param), want[name], 1e-6, f"grad {name}")
+        assert_max_diff(safe_get_full_grad(param), want[name], 1e-6, f"grad {name}")
     engine.step()
     with deepspeed.zero.GatheredParameters([head.weight, head.bias]):
-        _close(head.weight, single.lm_head.weight - LR * want["lm_head.weight"], 1e-6, "lm_head.weight after step")
-        _close(head.bias, single.lm_head.bias - LR * want["lm_head.bias"], 1e-6, "lm_head.bias after step")
+        assert_max_diff(head.weight, single.lm_head.weight - LR * want["lm_head.weight"], 1e-6,
+                        "lm_head.weight after step")
+        assert_max_diff(head.bias, single.lm_head.bias - LR * want["lm_head.bias"], 1e-6, "lm_head.bias after step")
 
     # Level 1 called directly with the partitioned parameter, outside any forward: refused, naming ZeRO-3.
     hidden = torch.randn(2, 5, 32)

@@ -4,56 +4,18 @@ each against the single-process result (values and gradients). DeepSpeed ZeRO-3:
 
 from __future__ import annotations
 
-import os
-import socket
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastpref
 from fastpref.ops.reference import reference_token_stats
 from fastpref.ops.vocab_parallel import VocabParallel, shard_range
+from integration_helpers import assert_max_diff, spawn
 
 pytestmark = pytest.mark.slow  # spawns 2 processes per test
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, port, fn, errors):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.manual_seed(0)
-        fn(rank)
-    except BaseException:  # reported to the parent, which fails the test with the traceback
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(fn):
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    try:
-        mp.start_processes(_entry, args=(_free_port(), fn, errors), nprocs=WORLD, start_method="spawn")
-    except mp.ProcessRaisedException as err:
-        msg = errors.get() if not errors.empty() else str(err)
-        pytest.fail(msg)
-
-
-def _close(a, b, tol, what):
-    err = (a.double() - b.double()).abs().max().item()
-    assert err <= tol, f"{what}: max |diff| {err:.3g} > {tol}"
 
 
 # ---------------------------------------------------------------- vocabulary parallel
@@ -96,12 +58,13 @@ def _vocab_parallel_token_stats(rank):
                                        ref_weight=wr.double(), softcap=softcap, **{k: v for k, v in asked.items()
                                                                                    if k != "chunk_size"})
         for name in ("logp", "entropy", "ref_logp", "ref_entropy", "kl", "log_sum_sq_probs", "mean_logits"):
-            _close(getattr(got, name), getattr(ref, name), 2e-5, f"{name} vs single process (softcap={softcap})")
-            _close(getattr(got, name), getattr(oracle, name), 2e-5, f"{name} vs fp64 oracle (softcap={softcap})")
+            where = f"(softcap={softcap})"
+            assert_max_diff(getattr(got, name), getattr(ref, name), 2e-5, f"{name} vs single process {where}")
+            assert_max_diff(getattr(got, name), getattr(oracle, name), 2e-5, f"{name} vs fp64 oracle {where}")
         assert torch.equal(got.is_top1, ref.is_top1)
-        _close(hh.grad, hf.grad, 2e-5, "grad hidden")
-        _close(ws.grad, wf.grad[start:end], 2e-5, "grad weight shard")
-        _close(bs.grad, bf.grad[start:end], 2e-5, "grad bias shard")
+        assert_max_diff(hh.grad, hf.grad, 2e-5, "grad hidden")
+        assert_max_diff(ws.grad, wf.grad[start:end], 2e-5, "grad weight shard")
+        assert_max_diff(bs.grad, bf.grad[start:end], 2e-5, "grad bias shard")
 
     # Without a bias the all-zero rows tie across both shards: the first maximum (token 0) wins.
     tied = fastpref.token_stats(h, w[start:end], y, is_top1=True, vocab_parallel=vp).is_top1
@@ -115,7 +78,7 @@ def _vocab_parallel_token_stats(rank):
     hf = h.clone().requires_grad_()
     ref = fastpref.token_stats(hf, w, y, entropy=True, backend="torch")
     (ref.logp + ref.entropy).sum().backward()
-    _close(hh.grad, hf.grad, 2e-5, "frozen-head grad hidden")
+    assert_max_diff(hh.grad, hf.grad, 2e-5, "frozen-head grad hidden")
 
     with pytest.raises(ValueError, match="labels"):
         fastpref.token_stats(h, w[start:end], torch.full_like(y, vocab), vocab_parallel=vp)
@@ -128,7 +91,7 @@ def _vocab_parallel_token_stats(rank):
     register_backend(Backend("torch_20kb_chunks", lambda: kernels("torch"), ("cpu",), chunk_bytes=4 * 500 * 5))
     small = VocabParallel(vocab, start, end - start, backend="torch_20kb_chunks")
     got = fastpref.token_stats(h, w[start:end], y, entropy=True, vocab_parallel=small)
-    _close(got.logp, fastpref.token_stats(h, w, y, backend="torch").logp, 2e-5, "default chunk size")
+    assert_max_diff(got.logp, fastpref.token_stats(h, w, y, backend="torch").logp, 2e-5, "default chunk size")
 
 
 def _vocab_parallel_losses(rank):
@@ -150,11 +113,11 @@ def _vocab_parallel_losses(rank):
         ref = fastpref.preference_loss(hf, wf, y, loss=loss, ref_hidden=hr, ref_weight=w, trl_metrics=True,
                                        backend="torch", **kwargs)
         ref.loss.backward()
-        _close(got.loss, ref.loss, 1e-5, f"{loss} loss")
+        assert_max_diff(got.loss, ref.loss, 1e-5, f"{loss} loss")
         for key, value in ref.metrics.items():
-            _close(got.metrics[key], value, 1e-4, f"{loss} metric {key}")
-        _close(hh.grad, hf.grad, 1e-5, f"{loss} grad hidden")
-        _close(ws.grad, wf.grad[start:end], 1e-5, f"{loss} grad weight shard")
+            assert_max_diff(got.metrics[key], value, 1e-4, f"{loss} metric {key}")
+        assert_max_diff(hh.grad, hf.grad, 1e-5, f"{loss} grad hidden")
+        assert_max_diff(ws.grad, wf.grad[start:end], 1e-5, f"{loss} grad weight shard")
 
 
 def _vocab_parallel(rank):
@@ -164,7 +127,7 @@ def _vocab_parallel(rank):
 
 def test_vocab_parallel_matches_single_process():
     """Token statistics (values, grads, softcap, ties, frozen head) and pair losses with metrics."""
-    _spawn(_vocab_parallel)
+    spawn(_vocab_parallel, world=WORLD)
 
 
 # ---------------------------------------------------------------- FSDP2 / DDP through the integration
@@ -209,9 +172,9 @@ def _fsdp2(rank, separate_head):
     out.loss.backward()
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
-    _close(loss / WORLD, want_loss, 1e-6, "loss")
+    assert_max_diff(loss / WORLD, want_loss, 1e-6, "loss")
     for name, param in model.named_parameters():
-        _close(_full_grad(param), want[name], 1e-6, f"grad {name}")
+        assert_max_diff(_full_grad(param), want[name], 1e-6, f"grad {name}")
 
 
 def _ddp(rank):
@@ -227,7 +190,7 @@ def _ddp(rank):
     out = fastpref_compute_loss(wrapped, batches[rank], "dpo", backend="torch", beta=0.5)
     out.loss.backward()
     for name, param in model.named_parameters():
-        _close(param.grad, want[name], 1e-6, f"grad {name}")
+        assert_max_diff(param.grad, want[name], 1e-6, f"grad {name}")
 
 
 def _sharded(rank):
@@ -238,4 +201,4 @@ def _sharded(rank):
 
 def test_fsdp2_and_ddp_match_single_process():
     """FSDP2 with the head in the root unit and as its own DTensor unit, and DDP: loss and every gradient."""
-    _spawn(_sharded)
+    spawn(_sharded, world=WORLD)
