@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 
 from integration_helpers import make_model  # noqa: E402
 
+import fastpref  # noqa: E402
 from fastpref.integrations import _head  # noqa: E402
 
 VOCAB = 128
@@ -187,3 +188,34 @@ def test_lora_on_the_lm_head_is_refused():
     _head.install(wrapped)
     with pytest.raises(ValueError, match="LM head carries a PEFT adapter"):
         wrapped(input_ids=_ids(), fastpref_fn=_grab)
+
+
+# Decoder families (tiny configs): the patched forward finds each backbone and head, and the fused
+# log-probs with the config's logit transform equal log_softmax of the model's own logits.
+FAMILIES = [
+    ("llama", {}),
+    ("qwen2", {}),
+    ("mistral", {}),
+    ("phi3", {}),
+    ("gemma2", {"final_logit_softcapping": 5.0, "head_dim": 8}),  # soft-capped logits
+    ("cohere", {"logit_scale": 0.5}),  # scaled logits
+    ("granite", {"logits_scaling": 4.0}),  # a divisor
+    ("llama4_text", {"intermediate_size_mlp": 64, "num_local_experts": 2, "head_dim": 8}),  # base_model_prefix names no child
+]
+
+
+@pytest.mark.parametrize("model_type, config", FAMILIES, ids=[f for f, _ in FAMILIES])
+def test_decoder_families_fused_logps_equal_their_logits(model_type, config):
+    model = _tiny(model_type, num_key_value_heads=2, pad_token_id=0, **config)
+    _head.install(model)
+    ids = _ids()
+    labels = fastpref.shift_labels(ids)
+
+    def logps(hidden, weight, bias):
+        return fastpref.token_stats(hidden, weight, labels, bias=bias, **_head.logit_transform(model)).logp
+
+    with torch.no_grad():
+        got = model(input_ids=ids, fastpref_fn=logps)
+        logits = model(input_ids=ids).logits.double()
+    want = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(got[:, :-1].double(), want, rtol=0, atol=2e-5)

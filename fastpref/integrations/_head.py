@@ -177,13 +177,15 @@ def _shares_storage(x: torch.Tensor, param) -> bool:
 
 
 def backbone(model):
-    """The decoder without its head (``model.base_model``; ``model.model`` for pre-v5 VLM wrappers)."""
-    body = getattr(model, "base_model", None)
-    if body is None or body is model:
-        body = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if body is None or body is model:
-        raise ValueError(f"fastpref: cannot find the backbone of {type(model).__name__} (no base_model / get_decoder)")
-    return body
+    """The decoder without its head: ``model.base_model``, else ``model.get_decoder()``, else the child
+    ``model.model`` (pre-v5 VLM wrappers; Llama4ForCausalLM, whose ``base_model_prefix`` names no child)."""
+    for find in (lambda: getattr(model, "base_model", None), lambda: getattr(model, "get_decoder", lambda: None)(),
+                 lambda: model._modules.get("model")):
+        body = find()
+        if isinstance(body, torch.nn.Module) and body is not model:
+            return body
+    raise ValueError(f"fastpref: cannot find the backbone of {type(model).__name__} "
+                     "(no base_model, get_decoder() or child module 'model')")
 
 
 def _fused_forward(self, *args, fastpref_fn=None, fastpref_grad=True, fastpref_copy=False, **kwargs):
