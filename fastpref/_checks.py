@@ -107,6 +107,8 @@ def check_token_inputs(
     _head("", hidden, weight, bias, labels)
     for name, value in flags.items():
         flag(name, value)
+    if flags.get("detach_entropy") and not flags.get("entropy"):
+        fail("detach_entropy", "detaches the policy entropy: it needs entropy=True")
     if ref_hidden is not None:
         _head("ref_", ref_hidden, ref_weight, ref_bias, labels)
         if ref_weight.shape[0] != weight.shape[0]:

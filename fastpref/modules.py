@@ -252,7 +252,8 @@ def preference_loss(
     stats = _level1(
         hidden, weight, labels, segments, layout.no_grad_from,
         dict(kl=needs.kl, ref_entropy=needs.ref_entropy == "head", entropy=trl_metrics or needs.policy_entropy,
-             detach_entropy=True, log_sum_sq_probs=use_weighting, mean_logits=trl_metrics, is_top1=trl_metrics),
+             detach_entropy=trl_metrics or needs.policy_entropy, log_sum_sq_probs=use_weighting,
+             mean_logits=trl_metrics, is_top1=trl_metrics),
         ref_hidden=ref_hidden if run_head else None,
         ref_weight=ref_weight if run_head else None,
         ref_bias=ref_bias if run_head else None,

@@ -41,6 +41,7 @@ def _call(**overrides):
     ("entropy", "yes"),
     ("is_top1", "no"),
     ("detach_entropy", None),
+    ("detach_entropy", True),  # without entropy=True: nothing to detach
     ("ignore_index", True),
     ("backend", "gpu"),
     ("backend", object()),

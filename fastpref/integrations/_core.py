@@ -182,7 +182,7 @@ def sequence_reference_stats(model, model_kwargs: dict, labels: torch.Tensor, tr
 
     def fn(hidden, weight, bias):
         hidden, weight, bias = _compute_dtype(hidden[:, -labels.shape[1]:], weight, bias)
-        seq = sequence_logps(hidden, weight, labels, bias=bias, entropy=entropy, detach_entropy=True,
+        seq = sequence_logps(hidden, weight, labels, bias=bias, entropy=entropy, detach_entropy=entropy,
                              chunk_size=chunk_size, backend=backend, **transform)
         out = {"logps": seq.sum_logp}
         if entropy:

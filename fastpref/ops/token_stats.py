@@ -580,7 +580,7 @@ def token_stats(
             gives ``ref_logp``. Never receives gradients.
         kl: return ``KL(p_ref,t || p_t)`` per token (needs the reference; differentiable w.r.t. the policy).
         ref_entropy: return the reference entropy (no gradient).
-        detach_entropy: return ``entropy`` without gradient (for metrics; with a frozen head this
+        detach_entropy: with ``entropy=True``, return it without gradient (for metrics; with a frozen head this
             saves one GEMM).
         log_sum_sq_probs, mean_logits, is_top1: no-grad extras (WPO weights and TRL's metrics).
         logits_budget: bytes of chunk logits the backward may keep instead of recomputing them
