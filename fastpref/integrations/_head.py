@@ -180,7 +180,7 @@ def backbone(model):
     """The decoder without its head: ``model.base_model``, else ``model.get_decoder()``, else the child
     ``model.model`` (pre-v5 VLM wrappers; Llama4ForCausalLM, whose ``base_model_prefix`` names no child)."""
     for find in (lambda: getattr(model, "base_model", None), lambda: getattr(model, "get_decoder", lambda: None)(),
-                 lambda: model._modules.get("model")):
+                 lambda: getattr(model, "model", None)):
         body = find()
         if isinstance(body, torch.nn.Module) and body is not model:
             return body
