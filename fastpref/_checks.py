@@ -28,6 +28,15 @@ def tensor(arg: str, x, *, ndim: int | None = None, min_ndim: int | None = None,
         fail(arg, f"must be an integer tensor, got {x.dtype}")
 
 
+def labels_with(labels: torch.Tensor, ignore_index) -> None:
+    """Integer ``labels`` whose dtype can hold ``ignore_index`` (in uint8, -100 would compare as 156)."""
+    tensor("labels", labels, floating=False)
+    integer("ignore_index", ignore_index)
+    info = torch.iinfo(labels.dtype)
+    if not info.min <= ignore_index <= info.max:
+        fail("labels", f"are {labels.dtype}, which cannot hold ignore_index={ignore_index}; use torch.long labels")
+
+
 def same_device(arg: str, x: torch.Tensor, ref_arg: str, ref: torch.Tensor) -> None:
     if x.device != ref.device:
         fail(arg, f"is on {x.device} but `{ref_arg}` is on {ref.device}")
@@ -102,8 +111,7 @@ def check_token_inputs(
 ) -> int:
     """Validates the level-1 arguments without reading any tensor's values (no host sync); returns the
     label range: ``vocab_size`` when ``weight`` is one shard of a vocabulary-parallel head, else V."""
-    tensor("labels", labels, floating=False)
-    integer("ignore_index", ignore_index)
+    labels_with(labels, ignore_index)
     _head("", hidden, weight, bias, labels)
     for name, value in flags.items():
         flag(name, value)

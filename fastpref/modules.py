@@ -231,7 +231,7 @@ def preference_loss(
     if (logp_weights is not None or kl_weights is not None) and not spec.token_weights:
         _checks.fail("logp_weights" if logp_weights is not None else "kl_weights",
                      f"(per-token weights) are not used by loss {spec.name!r}")
-    check_token_weights(labels, logp_weights, kl_weights, kl=spec.kl)
+    check_token_weights(labels, logp_weights, kl_weights, kl=spec.kl, ignore_index=ignore_index)
     _checks.reference_head_parts(ref_hidden, ref_weight, ref_bias)
     needs = resolve_needs(spec, hparams, ref_logps=layout.ref_logps is not None,
                           ref_entropy=layout.ref_entropy is not None, ref_head=ref_hidden is not None,

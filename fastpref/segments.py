@@ -63,9 +63,10 @@ class Segments:
 
     def __init__(self, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                  seq_ids: torch.Tensor | None = None, *, ignore_index: int = -100):
-        _checks.integer("ignore_index", ignore_index)
+        _checks.labels_with(labels, ignore_index)
         self._locate(labels, cu_seqlens, seq_ids)
-        self.num_tokens = self.sum((labels != ignore_index).to(torch.int64))
+        self.valid = labels != ignore_index
+        self.num_tokens = self.sum(self.valid.to(torch.int64))
         empty = (self.num_tokens == 0).nonzero().flatten().tolist()
         if empty:
             _checks.fail("labels", f"has sequences with no valid (non-ignore_index) token: indices {empty[:8]}")
@@ -130,8 +131,8 @@ class Segments:
             return total, total / count
 
         def weighted(w: torch.Tensor | None, x: torch.Tensor | None) -> torch.Tensor | None:
-            # stats are 0 at ignored positions, so (finite) weights there drop out
-            return None if w is None or x is None else self.sum(w.float() * x)
+            # the weights are zeroed at ignored positions first: whatever they hold there (NaN too) drops out
+            return None if w is None or x is None else self.sum(torch.where(self.valid, w.float(), 0.0) * x)
 
         sum_logp, mean_logp = sum_and_mean(stats.logp)
         sum_entropy, mean_entropy = sum_and_mean(stats.entropy)
@@ -209,9 +210,11 @@ class Groups:
 
 
 def check_token_weights(
-    labels: torch.Tensor, logp_weights: torch.Tensor | None, kl_weights: torch.Tensor | None, *, kl: bool
+    labels: torch.Tensor, logp_weights: torch.Tensor | None, kl_weights: torch.Tensor | None, *, kl: bool,
+    ignore_index: int = -100,
 ) -> None:
-    """Per-token weights are floating tensors shaped like ``labels``; ``kl_weights`` needs the KL."""
+    """Per-token weights are floating tensors shaped like ``labels``, finite where the label is not
+    ``ignore_index`` (anything at ignored positions is dropped); ``kl_weights`` needs the KL."""
     for name, w in (("logp_weights", logp_weights), ("kl_weights", kl_weights)):
         if w is None:
             continue
@@ -221,6 +224,9 @@ def check_token_weights(
         if w.shape != labels.shape:
             _checks.fail(name, f"has shape {tuple(w.shape)}; expected the shape of labels {tuple(labels.shape)}")
         _checks.same_device(name, w, "labels", labels)
+        bad = ~torch.isfinite(w.detach()) & (labels != ignore_index)
+        if bad.any():
+            _checks.fail(name, f"has non-finite values at {int(bad.sum())} scored (non-ignore_index) positions")
     if kl_weights is not None and not kl:
         _checks.fail("kl_weights", "weights the per-token KL, which needs kl=True (and a reference head)")
 
@@ -246,7 +252,12 @@ def reduce_tokens(
     if not isinstance(stats, TokenStats) or stats.logp.shape != labels.shape:
         got = f"logp of shape {tuple(stats.logp.shape)}" if isinstance(stats, TokenStats) else type(stats).__name__
         _checks.fail("stats", f"must be the TokenStats of these labels (shape {tuple(labels.shape)}), got {got}")
-    check_token_weights(labels, logp_weights, kl_weights, kl=stats.kl is not None)
+    check_token_weights(labels, logp_weights, kl_weights, kl=stats.kl is not None, ignore_index=ignore_index)
+    negative = (labels < 0) & (labels != ignore_index)
+    if negative.any():  # token_stats refuses them too: these labels were scored with another ignore_index
+        _checks.fail("labels", f"hold negative values other than ignore_index={ignore_index} "
+                               f"({sorted(set(labels[negative].tolist()))[:4]}); pass the ignore_index given to "
+                               "token_stats")
     return Segments(labels, cu_seqlens, seq_ids, ignore_index=ignore_index).reduce(stats, logp_weights, kl_weights)
 
 
@@ -274,7 +285,12 @@ def sequence_logps(
         stats.sum_logp, stats.mean_logp, stats.num_tokens                        # each [R]
     """
     _checks.tensor("labels", labels, floating=False)
-    check_token_weights(labels, logp_weights, kl_weights, kl=bool(token_stats_kwargs.get("kl")))
+    for extra in ("mean_logits", "is_top1"):  # token-level metrics: SequenceStats has no field for them
+        if token_stats_kwargs.get(extra):
+            _checks.fail(extra, "is a per-token statistic that sequence_logps does not reduce; call "
+                                "fastpref.token_stats for it")
+    check_token_weights(labels, logp_weights, kl_weights, kl=bool(token_stats_kwargs.get("kl")),
+                        ignore_index=ignore_index)
     segments = Segments(labels, cu_seqlens, seq_ids, ignore_index=ignore_index)
     stats = token_stats(hidden, weight, labels, ignore_index=ignore_index, **token_stats_kwargs)
     return segments.reduce(stats, logp_weights, kl_weights)

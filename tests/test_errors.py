@@ -157,3 +157,41 @@ def test_seq_ids_on_another_device_are_named():
     h, w, y = good()
     ids = torch.arange(4).repeat_interleave(5).to("meta")  # cu_seqlens had this check, seq_ids did not
     raises("seq_ids", fastpref.sequence_logps, h.reshape(1, 20, 8), w, y.reshape(1, 20), seq_ids=ids)
+
+
+def test_label_dtypes_that_cannot_hold_ignore_index_are_refused():
+    """uint8 labels compared -100 as 156: positions labelled 156 were silently ignored."""
+    h, w, labels = good()
+    raises("labels", fastpref.token_stats, h, w, labels.clamp(min=0).to(torch.uint8), backend=BACKEND)
+    raises("labels", fastpref.sequence_logps, h, w, labels.clamp(min=0).to(torch.uint8), backend=BACKEND)
+    stats = fastpref.token_stats(h, w, labels.to(torch.int32), backend=BACKEND)  # any dtype that holds -100
+    assert torch.equal(stats.logp, fastpref.token_stats(h, w, labels, backend=BACKEND).logp)
+
+
+def test_reduce_tokens_refuses_labels_scored_with_another_ignore_index():
+    """token_stats(ignore_index=-1) then reduce_tokens with the default -100 divided by the wrong counts."""
+    h, w, labels = good()
+    labels = labels.masked_fill(labels == -100, -1)
+    stats = fastpref.token_stats(h, w, labels, ignore_index=-1, backend=BACKEND)
+    raises("labels", fastpref.reduce_tokens, stats, labels)
+    assert fastpref.reduce_tokens(stats, labels, ignore_index=-1).num_tokens.tolist() == [4] * 4
+
+
+def test_sequence_logps_refuses_the_token_level_metrics():
+    """mean_logits / is_top1 were computed and dropped (SequenceStats has no field for them)."""
+    h, w, labels = good()
+    raises("mean_logits", fastpref.sequence_logps, h, w, labels, mean_logits=True, backend=BACKEND)
+    raises("is_top1", fastpref.sequence_logps, h, w, labels, is_top1=True, backend=BACKEND)
+
+
+def test_token_weights_are_checked_where_used_and_dropped_where_ignored():
+    """A NaN weight at an ignored position turned the weighted sums NaN; a NaN where used went unchecked."""
+    h, w, labels = good()
+    weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(1))
+    clean = fastpref.sequence_logps(h, w, labels, logp_weights=weights, backend=BACKEND).weighted_sum_logp
+    dirty = weights.masked_fill(labels == -100, float("nan"))
+    seq = fastpref.sequence_logps(h, w, labels, logp_weights=dirty, backend=BACKEND)
+    assert torch.equal(seq.weighted_sum_logp, clean)
+    used = weights.clone()
+    used[0, 2] = float("inf")
+    raises("logp_weights", fastpref.sequence_logps, h, w, labels, logp_weights=used, backend=BACKEND)

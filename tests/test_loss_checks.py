@@ -291,3 +291,83 @@ def test_precomputed_reference_gets_no_gradient_at_the_front_door():
 
 def test_calibrate_with_one_tensor_names_the_missing_one():
     raises("rejected_entropy", fastpref.calibrate_dispersion_c, torch.tensor([1.0, 2.0]), vocab_size=100)
+
+
+# ---------------------------------------------------------------- found by a review of this release
+
+
+def test_per_example_settings_must_have_one_entry_per_example():
+    """A [3] beta against one pair broadcast the loss to three values (their mean another loss)."""
+    one = (A[:1], B[:1], RA[:1], RB[:1])
+    three = torch.tensor([0.1, 0.5, 2.0])
+    raises("beta", fastpref.dpo_loss, *one, beta=three)
+    raises("beta", fastpref.simpo_loss, *one[:2], beta=three)
+    raises("gamma_beta_ratio", fastpref.simpo_loss, *one[:2], gamma_beta_ratio=three)
+    raises("beta", fastpref.mallows_dpo_loss, *one, neg_log_dispersion=1.0, beta=three)
+    raises("beta", fastpref.tdpo_loss, *one, torch.zeros(1), torch.zeros(1), beta=three)
+    raises("beta", _front, "simpo", rows=2, beta=three)
+    raises("desirable_weight", fastpref.kto_loss, A[:1], RA[:1], torch.tensor([True]), kl=0.0,
+           desirable_weight=torch.tensor([1.0, 2.0]))
+    per_pair, _, _ = fastpref.dpo_loss(A, B, RA, RB, beta=torch.tensor([0.1, 0.3]), reduction="none")
+    assert per_pair.shape == (2,)
+
+
+def test_mallows_mixing_alpha_and_home_advantage_are_refused_where_they_weigh_nothing():
+    """h = (r_w - a r_ref,w) - (r_l - a r_ref,l) - (1 - a) gamma': reference-free with gamma' = 0, `a` did nothing."""
+    raises("mixing_alpha", fastpref.mallows_dpo_loss, A, B, neg_log_dispersion=1.0, mixing_alpha=0.25)
+    raises("mixing_alpha", _front, "mallows_dpo", neg_log_dispersion=1.0, mixing_alpha=0.25)
+    raises("home_advantage", fastpref.mallows_dpo_loss, A, B, RA, RB, neg_log_dispersion=1.0, mixing_alpha=1.0,
+           home_advantage=0.5)
+    # where it acts, it is honoured: with a reference, and (reference-free) through the home advantage
+    with_ref, _, _ = fastpref.mallows_dpo_loss(A, B, RA, RB, neg_log_dispersion=1.0, mixing_alpha=0.25)
+    plain, _, _ = fastpref.mallows_dpo_loss(A, B, RA, RB, neg_log_dispersion=1.0)
+    assert not torch.allclose(with_ref, plain)
+    mixed, _, _ = fastpref.mallows_dpo_loss(A, B, neg_log_dispersion=1.0, mixing_alpha=0.5, home_advantage=0.5,
+                                            reduction="none")
+    half, _, _ = fastpref.mallows_dpo_loss(A, B, neg_log_dispersion=1.0, home_advantage=0.25, reduction="none")
+    assert torch.allclose(mixed, half)
+
+
+def test_alphapo_reward_is_finite_for_summed_log_probs():
+    """(1 - p^-a)/a with p = exp(logp) gave NaN below logp ~ -103 (exp underflows to 0 in fp32)."""
+    pc, pr = torch.tensor([-120.0, -490.0]), torch.tensor([-150.0, -480.0])
+    losses, cr, rr = fastpref.cpo_loss(pc, pr, alpha=0.1, cpo_alpha=0.0, reduction="none")
+    r64 = lambda x: (1 - torch.exp(-0.1 * x.double())) / 0.1  # noqa: E731  (p^-a = exp(-a logp))
+    want = -torch.nn.functional.logsigmoid(0.1 * (r64(pc) - r64(pr)))
+    assert torch.isfinite(losses).all() and torch.allclose(losses.double(), want, rtol=1e-5)
+    assert torch.allclose(cr.double(), 0.1 * r64(pc), rtol=1e-5)
+
+
+def test_an_nll_term_given_with_weight_zero_is_refused():
+    """simpo_loss(policy_nll_loss=...) with the default sft_weight=0 dropped the term without a word."""
+    nll = torch.tensor(2.0)
+    raises("policy_nll_loss", fastpref.simpo_loss, A, B, policy_nll_loss=nll)
+    raises("policy_nll_loss", fastpref.cpo_loss, A, B, cpo_alpha=0.0, policy_nll_loss=nll)
+    raises("policy_nll_loss", fastpref.orpo_loss, A / 10, B / 10, nll_weight=0.0, policy_nll_loss=nll)
+    logps, scores = torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[3.0, 2.0, 1.0]])
+    raises("policy_sum_logps", fastpref.pro_loss, logps, scores, logps * 5, sft_weight=0.0)
+    # the front door still runs each with the term off, and logs what TRL logs
+    for loss, off in (("simpo", {}), ("cpo", {"cpo_alpha": 0.0}), ("orpo", {"nll_weight": 0.0})):
+        out = _front(loss, **off)
+        assert torch.isfinite(out.loss) and (loss == "simpo") == ("nll_loss" not in out.metrics)
+
+
+def test_a_zero_loss_weight_drops_its_type_and_its_settings():
+    """label_smoothing for a sigmoid weighted 0 was accepted (and ignored); all-zero weights trained nothing."""
+    raises("label_smoothing", fastpref.dpo_loss, A, B, RA, RB, loss_type=["sigmoid", "hinge"],
+           loss_weights=[0.0, 1.0], label_smoothing=0.3)
+    raises("discopop_tau", fastpref.dpo_loss, A, B, RA, RB, loss_type=["discopop", "hinge"],
+           loss_weights=[0.0, 1.0], discopop_tau=0.1)
+    raises("loss_weights", fastpref.dpo_loss, A, B, RA, RB, loss_weights=[0.0])
+    smoothed, _, _ = fastpref.dpo_loss(A, B, RA, RB, loss_type=["sigmoid", "hinge"], loss_weights=[1.0, 0.0],
+                                       label_smoothing=0.3)
+    alone, _, _ = fastpref.dpo_loss(A, B, RA, RB, label_smoothing=0.3)
+    assert torch.allclose(smoothed, alone)
+
+
+def test_mppo_point_scores_carry_no_gradient():
+    logps = torch.tensor([[-0.5, -1.0, -2.0]], requires_grad=True)
+    scores = torch.tensor([[0.9, 0.5, 0.1]], requires_grad=True)
+    for fn in (fastpref.mppo_point_ce_loss, fastpref.mppo_point_mse_loss):
+        fn(logps, scores)[0].backward()
+    assert scores.grad is None and logps.grad is not None

@@ -193,3 +193,17 @@ def test_reduce_tokens_refuses_stats_of_other_labels():
     with pytest.raises(ValueError, match="`stats`"):
         fastpref.reduce_tokens(stats, labels[:, :4])
     assert torch.allclose(fastpref.reduce_tokens(stats, labels).sum_logp, stats.logp.sum(-1))
+
+
+def test_autocast_leaves_fp64_as_f_linear_does():
+    """Under autocast fp64 inputs were cast to bf16 (F.linear keeps fp64), and fp64 with fp32 was accepted."""
+    head = make_head(2, 6, 16, 97)
+    labels = make_labels(2, 6, 97, prompt=1)
+    h64, w64 = head["hidden"].double(), head["weight"].double()
+    plain = fastpref.token_stats(h64, w64, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.linear(h64, w64).dtype == torch.float64
+        stats = fastpref.token_stats(h64, w64, labels)
+        with pytest.raises(ValueError, match="dtype"):
+            fastpref.token_stats(h64, head["weight"], labels)
+    assert stats.logp.dtype == torch.float64 and torch.equal(stats.logp, plain.logp)

@@ -32,7 +32,7 @@ from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed
 from trl.trainer.utils import use_adapter
 
 from .. import _checks
-from ..losses.pairwise import check_dpo_settings
+from ..losses.pairwise import check_dpo_settings, weighted_loss_types
 from ..losses.registry import get_loss
 from . import _head, packing
 from ._core import (
@@ -204,7 +204,7 @@ def _check_trl_fields(args, name: str | None, types: list[str]) -> None:
         if not set(types) & _SMOOTHED:
             _checks.fail("label_smoothing", f"is used by TRL only for loss_type in {sorted(_SMOOTHED)}; with "
                                             f"loss_type={types} it would be ignored: set label_smoothing=0")
-    check_dpo_settings(types, f_divergence_type=args.f_divergence_type,
+    check_dpo_settings(weighted_loss_types(types, args.loss_weights), f_divergence_type=args.f_divergence_type,
                        f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau)
 
 

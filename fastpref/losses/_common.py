@@ -73,8 +73,12 @@ def check_label_smoothing(value: float, *, upper: float = 1.0, lower_open: bool 
 
 
 def with_nll(losses: torch.Tensor, weight_name: str, weight: float, nll: torch.Tensor | None) -> torch.Tensor:
-    """``losses + weight * nll``; a nonzero ``weight`` without ``nll`` is refused, never dropped silently."""
+    """``losses + weight * nll``; a nonzero ``weight`` without ``nll``, or an ``nll`` with ``weight`` 0, is
+    refused: the term is never dropped silently."""
     if not weight:
+        if nll is not None:
+            _checks.fail("policy_nll_loss", f"is given but {weight_name}={weight!r} leaves the NLL term out; set "
+                                            f"{weight_name} > 0 to add it, or do not pass it")
         return losses
     if nll is None:
         _checks.fail("policy_nll_loss", f"is required with {weight_name}={weight!r} (the NLL term); pass the "

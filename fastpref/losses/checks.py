@@ -23,11 +23,13 @@ def _describe(value) -> str:
 
 
 def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> None:
+                 low_open: bool = False, high_open: bool = False, like: torch.Tensor | None = None) -> None:
     """A finite real number (or floating tensor, every entry) in the given range; ends closed unless ``*_open``.
 
     A tensor is a 0-d value or a per-example ``[B]`` one: ``[B, 1]`` would broadcast the ``[B]`` losses to
-    ``[B, B]``. A tensor costs one host synchronisation.
+    ``[B, B]``, and with ``like`` (the per-example values, first dimension ``B``) a 1-D tensor must have
+    ``B`` entries (``[3]`` against one pair would broadcast the loss to three). A tensor costs one host
+    synchronisation.
     """
     lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
     hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
@@ -38,6 +40,12 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
         if value.dim() > 1:
             _checks.fail(name, f"must be a number, a 0-d tensor or a per-example [B] tensor, got {_describe(value)} "
                                "(it would broadcast against the per-example values)")
+        if like is not None and value.dim() == 1:
+            if value.shape[0] != like.shape[0]:
+                _checks.fail(name, f"has {value.shape[0]} entries for {like.shape[0]} examples (one per example, "
+                                   "or a number)")
+            if value.device != like.device:
+                _checks.fail(name, f"is on {value.device} but the per-example values are on {like.device}")
         v = value.detach()
         bad = ~torch.isfinite(v)
         if low is not None:
@@ -58,14 +66,14 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
         _checks.fail(name, f"must be finite{where}, got {value!r}")
 
 
-def check_positive(name: str, value) -> None:
+def check_positive(name: str, value, *, like: torch.Tensor | None = None) -> None:
     """A finite number (or floating tensor) > 0."""
-    check_number(name, value, low=0, low_open=True)
+    check_number(name, value, low=0, low_open=True, like=like)
 
 
-def check_non_negative(name: str, value) -> None:
+def check_non_negative(name: str, value, *, like: torch.Tensor | None = None) -> None:
     """A finite number (or floating tensor) >= 0."""
-    check_number(name, value, low=0)
+    check_number(name, value, low=0, like=like)
 
 
 def check_choice(name: str, value, choices: tuple[str, ...]) -> str:

@@ -77,7 +77,7 @@ def dpo_plackett_luce_loss(
     mask = list_mask(policy_logps, mask, scores)
     if ref_logps is not None:
         check_list("ref_logps", ref_logps, policy_logps)
-    check_positive("beta", beta)
+    check_positive("beta", beta, like=policy_logps)
     s = per_prompt("beta", beta, policy_logps) * logratios(policy_logps, ref_logps)
     mask_s, _, s_sorted = ranked(mask, scores, s)
     return reduce(plackett_luce_nll(s_sorted, mask_s), reduction), _detached_rewards(s, mask)
@@ -145,6 +145,9 @@ def pro_loss(
     The mean over prompts of the per-prompt sums is the official ``sum_k mean_batch(L_k)``; a prompt
     with fewer responses simply has fewer stages. Rewards are ``s``.
     """
+    if policy_sum_logps is not None and isinstance(sft_weight, (int, float)) and sft_weight == 0:
+        _checks.fail("policy_sum_logps", "is given but sft_weight=0 leaves PRO's SFT term out; set sft_weight > 0 "
+                                         "to add it, or do not pass it")
     stages, _, sft, mask = _pro_terms(
         policy_logps, scores, policy_sum_logps, mask=mask, sft_weight=sft_weight, eps=eps
     )
@@ -196,7 +199,7 @@ def lipo_lambda_loss(
     mask = list_mask(policy_logps, mask, scores, scores_required="LiPO-lambda (the labels psi)")
     if ref_logps is not None:
         check_list("ref_logps", ref_logps, policy_logps)
-    check_positive("beta", beta)
+    check_positive("beta", beta, like=policy_logps)
     s = per_prompt("beta", beta, policy_logps) * logratios(policy_logps, ref_logps)
     pairs = (scores[:, :, None] > scores[:, None, :]) & mask[:, :, None] & mask[:, None, :]
     pair_losses = lipo_lambda_weights(s, scores, mask) * F.softplus(-(s[:, :, None] - s[:, None, :]))

@@ -140,15 +140,26 @@ def _rewards(beta, pc, pr, rc, rr):
     return detached(beta * chosen, beta * rejected)
 
 
+def _any_nonzero(x) -> bool:
+    return bool((x != 0).any()) if isinstance(x, torch.Tensor) else x != 0
+
+
 def _check_mallows(pc, pr, rc, rr, psi, beta, mixing_alpha, home_advantage):
     check_pair(pc, pr, rc, rr)
-    check_positive("beta", beta)
+    check_positive("beta", beta, like=pc)
     if isinstance(psi, torch.Tensor) and psi.dim() > 0:
         _checks.per_example("neg_log_dispersion", psi, pc)
     check_positive("neg_log_dispersion", psi)  # psi = -log(phi) > 0; psi <= 0 would flip or flatten the loss
     if mixing_alpha is not None:
-        check_number("mixing_alpha", mixing_alpha, low=0, high=1)
-    check_non_negative("home_advantage", home_advantage)
+        check_number("mixing_alpha", mixing_alpha, low=0, high=1, like=pc)
+    check_non_negative("home_advantage", home_advantage, like=pc)
+    # h = (r_w - a r_ref,w) - (r_l - a r_ref,l) - (1 - a) gamma': a weighs the reference and the home advantage.
+    check_used("mixing_alpha", mixing_alpha, None, used=rc is not None or _any_nonzero(home_advantage),
+               only="to weigh the reference log-probs (reference_free=False with a reference) or a nonzero "
+                    "home_advantage")
+    check_used("home_advantage", home_advantage, 0.0,
+               used=mixing_alpha is None or not bool(torch.all(torch.as_tensor(mixing_alpha) == 1)),
+               only="with mixing_alpha < 1 (its weight is 1 - mixing_alpha)")
     return psi.detach() if isinstance(psi, torch.Tensor) else psi
 
 

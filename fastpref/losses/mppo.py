@@ -69,9 +69,9 @@ def mppo_point_ce_loss(
     """
     mask = list_mask(policy_logps, mask, scores, scores_required="MPPO Point-CE (targets in [0, 1])",
                      unit_scores=True)
-    a = policy_logps
+    a, s = policy_logps, scores.detach()  # the scores are targets: no gradient, as MMPO's and PRO's
     log_not_p = log1mexp(a.clamp(max=-torch.finfo(a.dtype).tiny))
-    per_response = -(scores * a + (1 - scores) * log_not_p)
+    per_response = -(s * a + (1 - s) * log_not_p)
     return reduce(masked_mean(per_response, mask), reduction), _rewards(policy_logps, mask)
 
 
@@ -92,7 +92,7 @@ def mppo_point_mse_loss(
     """
     mask = list_mask(policy_logps, mask, scores, scores_required="MPPO Point-MSE (targets in [0, 1])",
                      unit_scores=True)
-    per_response = (scores - torch.exp(policy_logps)) ** 2
+    per_response = (scores.detach() - torch.exp(policy_logps)) ** 2  # the scores are targets: no gradient
     return reduce(masked_mean(per_response, mask), reduction), _rewards(policy_logps, mask)
 
 

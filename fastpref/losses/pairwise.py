@@ -95,6 +95,23 @@ def _dpo_terms(name, *, u, beta, eps, tau, chosen_lr, rejected_lr, delta_norm, l
     raise AssertionError(name)  # dpo_loss checked the names
 
 
+def weighted_loss_types(loss_types: list[str], loss_weights) -> list[str]:
+    """The loss types whose ``loss_weights`` entry (non-negative; default 1 each) is nonzero: the settings are
+    checked against these, since a weight of 0 drops its type. All weights 0 would train nothing: refused."""
+    if loss_weights is None:
+        return list(loss_types)
+    if not isinstance(loss_weights, (list, tuple)):
+        _checks.fail("loss_weights", f"must be a list of numbers, got {loss_weights!r}")
+    if len(loss_weights) != len(loss_types):
+        _checks.fail("loss_weights", f"has {len(loss_weights)} entries for {len(loss_types)} loss types")
+    for w in loss_weights:
+        check_non_negative("loss_weights", w)
+    active = [name for name, w in zip(loss_types, loss_weights) if bool(w != 0)]
+    if not active:
+        _checks.fail("loss_weights", f"are all 0 ({list(loss_weights)}): the loss would be 0 and train nothing")
+    return active
+
+
 def check_dpo_settings(loss_types: list[str], *, f_divergence_type: str, f_alpha_divergence_coef: float,
                        discopop_tau: float) -> None:
     """The settings of :func:`dpo_loss` that act only with some loss types, refused where they would not act.
@@ -161,27 +178,22 @@ def dpo_loss(
         ``(losses, chosen_rewards, rejected_rewards)``, rewards = ``beta * log-ratio`` (detached).
     """
     check_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    check_positive("beta", beta)
+    check_positive("beta", beta, like=policy_chosen_logps)
     names = [loss_type] if isinstance(loss_type, str) else loss_type
     if not isinstance(names, (list, tuple)) or not names:
         _checks.fail("loss_type", f"must be a loss type or a non-empty list of them, got {loss_type!r}")
     for name in names:
         check_choice("loss_type", name, DPO_LOSS_TYPES)
     weights = [1.0] * len(names) if loss_weights is None else loss_weights
-    if not isinstance(weights, (list, tuple)):
-        _checks.fail("loss_weights", f"must be a list of numbers, got {loss_weights!r}")
-    if len(weights) != len(names):
-        _checks.fail("loss_weights", f"has {len(weights)} entries for {len(names)} loss types")
-    for w in weights:
-        check_non_negative("loss_weights", w)
-    check_dpo_settings(names, f_divergence_type=f_divergence_type,
+    active = weighted_loss_types(names, loss_weights)
+    check_dpo_settings(active, f_divergence_type=f_divergence_type,
                        f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau)
-    if "exo_pair" in names:
+    if "exo_pair" in active:
         check_label_smoothing(label_smoothing, lower_open=True)  # log(eps) needs eps > 0; TRL suggests 1e-3
-    elif "robust" in names:
+    elif "robust" in active:
         check_label_smoothing(label_smoothing, upper=0.5)
     else:
-        check_label_smoothing(label_smoothing, loss_types=names, smoothed=SMOOTHED_LOSS_TYPES)
+        check_label_smoothing(label_smoothing, loss_types=active, smoothed=SMOOTHED_LOSS_TYPES)
     if (chosen_num_tokens is None) != (rejected_num_tokens is None):
         _checks.fail("chosen_num_tokens", "and `rejected_num_tokens` must be given together")
     if chosen_num_tokens is not None:
@@ -236,8 +248,8 @@ def dpop_loss(
     an official implementation; see docs/losses.md#dpop).
     """
     check_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, reference="required")
-    check_positive("beta", beta)
-    check_non_negative("dpop_lambda", dpop_lambda)
+    check_positive("beta", beta, like=policy_chosen_logps)
+    check_non_negative("dpop_lambda", dpop_lambda, like=policy_chosen_logps)
     chosen_lr = policy_chosen_logps - ref_chosen_logps
     rejected_lr = policy_rejected_logps - ref_rejected_logps
     penalty = dpop_lambda * torch.relu(ref_chosen_logps - policy_chosen_logps)
@@ -265,7 +277,7 @@ def mmpo_loss(
     (plain DPO); ``p`` is a target and carries no gradient. ``beta=0.01`` is the official recipe's value.
     """
     check_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, reference="required")
-    check_positive("beta", beta)
+    check_positive("beta", beta, like=policy_chosen_logps)
     if soft_labels is not None:
         if chosen_scores is not None or rejected_scores is not None or bt_beta is not None:
             _checks.fail("soft_labels", "and `chosen_scores`/`rejected_scores`/`bt_beta` are alternatives; pass one")
@@ -277,7 +289,7 @@ def mmpo_loss(
         _checks.per_example("rejected_scores", rejected_scores, policy_chosen_logps)
         if bt_beta is None:
             _checks.fail("bt_beta", "is required with chosen_scores/rejected_scores")
-        check_positive("bt_beta", bt_beta)
+        check_positive("bt_beta", bt_beta, like=policy_chosen_logps)
         check_number("chosen_scores", chosen_scores)
         check_number("rejected_scores", rejected_scores)
         p = torch.sigmoid(bt_beta * (chosen_scores - rejected_scores))
@@ -313,7 +325,7 @@ def todo_loss(
     ``ties`` is a ``[B]`` bool/0-1 tensor. ``tie_alpha=0.5`` is the official configs' ``-dpo_theta``.
     """
     check_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, reference="required")
-    check_positive("beta", beta)
+    check_positive("beta", beta, like=policy_chosen_logps)
     check_positive("tie_alpha", tie_alpha)
     check_label_smoothing(label_smoothing)
     _checks.tensor("ties", ties, ndim=1)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ._common import check_label_smoothing, check_pair, detached, reduce, smoothed_logistic, with_nll
 from .checks import check_choice, check_non_negative, check_number, check_positive, check_used
-from .registry import LossResult, PairBatch, register
+from .registry import LossResult, PairBatch, hyperparameter, register
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 SIMPO_LOSS_TYPES = ("sigmoid", "hinge")
@@ -41,8 +41,8 @@ def simpo_loss(
     ``sft_weight * policy_nll_loss`` (then required). Rewards are ``beta * A``.
     """
     check_pair(policy_chosen_logps, policy_rejected_logps, reference="none")
-    check_positive("beta", beta)
-    check_non_negative("gamma_beta_ratio", gamma_beta_ratio)
+    check_positive("beta", beta, like=policy_chosen_logps)
+    check_non_negative("gamma_beta_ratio", gamma_beta_ratio, like=policy_chosen_logps)
     check_choice("loss_type", loss_type, SIMPO_LOSS_TYPES)
     check_label_smoothing(label_smoothing, loss_types=[loss_type], smoothed=("sigmoid",))
     check_non_negative("sft_weight", sft_weight)
@@ -77,16 +77,18 @@ def cpo_loss(
     is required unless ``cpo_alpha=0`` (the preference term alone).
     """
     check_pair(policy_chosen_logps, policy_rejected_logps, reference="none")
-    check_positive("beta", beta)
+    check_positive("beta", beta, like=policy_chosen_logps)
     check_choice("loss_type", loss_type, CPO_LOSS_TYPES)
     check_label_smoothing(label_smoothing, loss_types=[loss_type], smoothed=("sigmoid", "simpo"))
-    check_non_negative("simpo_gamma", simpo_gamma)
+    check_non_negative("simpo_gamma", simpo_gamma, like=policy_chosen_logps)
     check_used("simpo_gamma", simpo_gamma, 0.5, used=loss_type == "simpo", only="by loss_type 'simpo'")
     check_number("alpha", alpha)
     check_non_negative("cpo_alpha", cpo_alpha)
     if alpha:
-        chosen_r = (1 - torch.exp(policy_chosen_logps).pow(-alpha)) / alpha
-        rejected_r = (1 - torch.exp(policy_rejected_logps).pow(-alpha)) / alpha
+        # (1 - p^-alpha) / alpha with p^-alpha = exp(-alpha logp): exp(logp) underflows to 0 for summed
+        # log-probs below ~-103 in fp32 (0^-alpha = inf, a NaN loss); expm1 is finite and exact near 0.
+        chosen_r = -torch.expm1(-alpha * policy_chosen_logps) / alpha
+        rejected_r = -torch.expm1(-alpha * policy_rejected_logps) / alpha
     else:
         chosen_r, rejected_r = policy_chosen_logps, policy_rejected_logps
     logits = chosen_r - rejected_r
@@ -137,7 +139,7 @@ def orpo_loss(
     ``log_odds_ratio = mean log sigma(log_odds)`` and ``log_odds_chosen = mean log_odds``.
     """
     check_pair(policy_chosen_logps, policy_rejected_logps, reference="none")
-    check_positive("beta", beta)
+    check_positive("beta", beta, like=policy_chosen_logps)
     check_non_negative("nll_weight", nll_weight)
     losses = -beta * F.logsigmoid(orpo_log_odds(policy_chosen_logps, policy_rejected_logps))
     losses = with_nll(losses, "nll_weight", nll_weight, policy_nll_loss)
@@ -150,26 +152,29 @@ def orpo_loss(
 @register("simpo", function=simpo_loss, provided=("policy_nll_loss",), nll_weight="sft_weight")
 def _simpo_from_batch(batch: PairBatch, **hparams) -> LossResult:
     """SimPO: length-normalised, reference-free, with a target margin gamma."""
-    nll = batch.chosen_nll
+    nll = batch.chosen_nll if hyperparameter(simpo_loss, "sft_weight", hparams) else None
     losses, cr, rr = simpo_loss(*batch.logps(mean=True), policy_nll_loss=nll, reduction="none", **hparams)
-    return LossResult(losses, cr, rr, {"nll_loss": nll.detach()} if hparams.get("sft_weight") else {})
+    return LossResult(losses, cr, rr, {} if nll is None else {"nll_loss": nll.detach()})
 
 
 @register("cpo", function=cpo_loss, provided=("policy_nll_loss",), nll_weight="cpo_alpha")
 def _cpo_from_batch(batch: PairBatch, **hparams) -> LossResult:
     """CPO: reference-free sigmoid/hinge/ipo/simpo preference term plus the chosen NLL (AlphaPO with alpha)."""
     mean = hparams.get("loss_type", "sigmoid") in ("ipo", "simpo")  # as TRL's CPOTrainer averages them
-    nll = batch.chosen_nll
-    losses, cr, rr = cpo_loss(*batch.logps(mean=mean), policy_nll_loss=nll, reduction="none", **hparams)
+    nll = batch.chosen_nll  # logged whatever cpo_alpha, as TRL's CPOTrainer does
+    on = hyperparameter(cpo_loss, "cpo_alpha", hparams)
+    losses, cr, rr = cpo_loss(*batch.logps(mean=mean), policy_nll_loss=nll if on else None, reduction="none",
+                              **hparams)
     return LossResult(losses, cr, rr, {"nll_loss": nll.detach()})
 
 
 @register("orpo", function=orpo_loss, provided=("policy_nll_loss",), nll_weight="nll_weight")
 def _orpo_from_batch(batch: PairBatch, **hparams) -> LossResult:
     """ORPO: chosen NLL plus beta times the log-sigmoid of the odds ratio (mean log-probs)."""
-    nll = batch.chosen_nll
+    nll = batch.chosen_nll  # logged whatever nll_weight, as TRL's ORPOTrainer does
     pc, pr = batch.logps(mean=True)
-    losses, cr, rr = orpo_loss(pc, pr, policy_nll_loss=nll, reduction="none", **hparams)
+    on = hyperparameter(orpo_loss, "nll_weight", hparams)
+    losses, cr, rr = orpo_loss(pc, pr, policy_nll_loss=nll if on else None, reduction="none", **hparams)
     log_odds = orpo_log_odds(pc, pr).detach()
     metrics = {"nll_loss": nll.detach(), "log_odds_ratio": F.logsigmoid(log_odds).mean(), "log_odds_chosen": log_odds.mean()}
     return LossResult(losses, cr, rr, metrics)

@@ -87,10 +87,7 @@ class LossSpec:
 
     def uses_nll(self, hparams: Mapping) -> bool:
         """Whether the loss's NLL term is on (its weight, e.g. ``cpo_alpha``, is nonzero)."""
-        if self.nll_weight is None:
-            return False
-        default = inspect.signature(self.function).parameters[self.nll_weight].default
-        return bool(hparams.get(self.nll_weight, default))
+        return self.nll_weight is not None and bool(hyperparameter(self.function, self.nll_weight, hparams))
 
     def use_weighting(self, hparams: Mapping) -> bool:
         """WPO's ``use_weighting``: pairwise losses only, and not the batch-sorting AOT losses."""
@@ -108,6 +105,11 @@ class LossSpec:
         if reduction == "none" and batch_sorted(hparams.get("loss_type")):
             _checks.fail("reduction", "='none' has no per-pair losses with loss_type 'aot'/'aot_unpaired' (they sort "
                                       "the batch's log-ratios); use 'mean' or 'sum'")
+
+
+def hyperparameter(function: Callable, name: str, hparams: Mapping):
+    """The value of hyperparameter ``name``: as given in ``hparams``, else the default of ``function``."""
+    return hparams.get(name, inspect.signature(function).parameters[name].default)
 
 
 LOSSES: dict[str, LossSpec] = {}

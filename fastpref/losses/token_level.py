@@ -46,8 +46,8 @@ def tdpo_loss(
     check_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, reference="required")
     _checks.per_example("chosen_kl", chosen_kl, policy_chosen_logps)
     _checks.per_example("rejected_kl", rejected_kl, policy_chosen_logps)
-    check_positive("beta", beta)
-    check_non_negative("alpha", alpha)
+    check_positive("beta", beta, like=policy_chosen_logps)
+    check_non_negative("alpha", alpha, like=policy_chosen_logps)
     tdpo2 = _checks.flag("tdpo2", tdpo2)
     check_used("alpha", alpha, 0.5, used=tdpo2, only="by TDPO2 (tdpo2=True)")
     chosen_lr = policy_chosen_logps - ref_chosen_logps

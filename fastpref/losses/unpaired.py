@@ -71,9 +71,9 @@ def kto_loss(
     if policy_logps.numel() == 0:
         _checks.fail("policy_logps", "is empty: KTO needs at least one example")
     desirable = as_bool_labels("desirable", desirable)
-    check_positive("beta", beta)
-    check_non_negative("desirable_weight", desirable_weight)
-    check_non_negative("undesirable_weight", undesirable_weight)
+    check_positive("beta", beta, like=policy_logps)
+    check_non_negative("desirable_weight", desirable_weight, like=policy_logps)
+    check_non_negative("undesirable_weight", undesirable_weight, like=policy_logps)
     check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
     rho = policy_logps - ref_logps
     if loss_type == "kto":

@@ -596,8 +596,9 @@ def token_stats(
         vocab_parallel: a :class:`fastpref.ops.vocab_parallel.VocabParallel` when ``weight`` is this
             rank's shard of a vocabulary-parallel head (labels are then global token ids).
 
-    Under ``torch.autocast`` the head runs in the autocast dtype, as ``F.linear`` would; the statistics
-    are computed in fp32 either way. Returns :class:`TokenStats` shaped like ``labels``, zero at
+    Under ``torch.autocast`` the head runs in the autocast dtype, as ``F.linear`` would (fp64 tensors are
+    not cast, so a mix of fp64 and other dtypes is refused); the statistics are fp32 either way (fp64 for
+    fp64 inputs). Returns :class:`TokenStats` shaped like ``labels``, zero at
     ignored positions. Host synchronisations: one read of the valid-token count (with the label check)
     and one finiteness check of the rows' log-sum-exps (a NaN or Inf in any input the valid rows use
     is a ``ValueError`` naming it).
@@ -607,8 +608,10 @@ def token_stats(
     device = hidden.device
     if torch.is_autocast_enabled(device.type):  # as F.linear under autocast: the head runs in its dtype
         dtype = torch.get_autocast_dtype(device.type)
+        # autocast casts floating tensors other than fp64 (fp64 math is kept; a mix is then refused below)
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias = (
-            None if x is None else x.to(dtype) for x in (hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
+            x.to(dtype) if x is not None and x.is_floating_point() and x.dtype != torch.float64 else x
+            for x in (hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
     if ref_hidden is not None:
         ref_weight, ref_bias = reference_head(weight, bias, ref_weight, ref_bias)
     full_vocab = _checks.check_token_inputs(
