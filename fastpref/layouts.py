@@ -202,6 +202,12 @@ class Layout:
     name: ClassVar[str]
     arguments: ClassVar[tuple[str, ...]] = ()  # per-batch keyword arguments of this layout only
 
+    @staticmethod
+    def examples() -> list[tuple[int, dict]]:
+        """The smallest batches of this layout, ``(number of sequences, per-batch arguments)``: a loss's
+        hyperparameter values are checked on them before any data (:func:`fastpref.modules.check_values`)."""
+        return [(2, {})]
+
     def __init__(self, num: int, labels: torch.Tensor, inputs: Mapping):
         self.num = num
         self.ref_logps = _precomputed("ref_logps", inputs.get("ref_logps"), num, labels, "sequences")
@@ -299,6 +305,10 @@ class GroupLayout(Layout):
     name = "groups"
     arguments = ("group_sizes", "scores")
 
+    @staticmethod
+    def examples() -> list[tuple[int, dict]]:
+        return [(2, {"group_sizes": [2], "scores": torch.tensor([1.0, 0.0])})]
+
     def __init__(self, num: int, labels: torch.Tensor, inputs: Mapping):
         super().__init__(num, labels, inputs)
         if inputs.get("group_sizes") is None:
@@ -343,6 +353,11 @@ class UnpairedLayout(Layout):
 
     name = "unpaired"
     arguments = ("desirable", "num_kl_rows")
+
+    @staticmethod
+    def examples() -> list[tuple[int, dict]]:  # with the KL rows of loss_type 'kto', and without
+        return [(4, {"desirable": torch.tensor([True, False]), "num_kl_rows": 2}),
+                (2, {"desirable": torch.tensor([True, False])})]
 
     def __init__(self, num: int, labels: torch.Tensor, inputs: Mapping):
         super().__init__(num, labels, inputs)

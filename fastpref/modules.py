@@ -9,13 +9,16 @@ sequence, hand the layout's batch to the registered adapter, and log the layout'
 from __future__ import annotations
 
 import inspect
+import re
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from . import _checks
-from .layouts import Layout, make_layout, token_counts
+from .layouts import LAYOUT_CLASSES, Layout, make_layout, token_counts
 from .losses.registry import get_loss
 from .needs import resolve_needs, warn_unused
 from .ops import TokenStats, token_stats
@@ -281,6 +284,37 @@ def preference_loss(
     )
 
 
+def check_values(loss: str, hparams: Mapping) -> None:
+    """Runs ``loss`` once on its layout's smallest synthetic batches (no gradient, the PyTorch rows), so that a
+    bad VALUE of a hyperparameter in ``hparams`` (``beta=-5``, ``loss_type="bco"``) is a ``ValueError`` when a
+    loss or trainer is built rather than at its first step, after a reference precompute.
+
+    Only errors naming given hyperparameters alone are raised here; one that names anything else (a per-batch
+    input such as TODO's ``ties`` that the synthetic batch lacks) is left to the real batch. Tensor values (per-example
+    hyperparameters) are checked per batch.
+    """
+    spec = get_loss(loss)
+    given = {k: v for k, v in hparams.items() if not isinstance(v, torch.Tensor)}
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 4, generator=g)
+    for num, inputs in LAYOUT_CLASSES[spec.layout].examples():
+        hidden = torch.randn(num, 2, 4, generator=g)
+        labels = torch.randint(0, 8, (num, 2), generator=g)
+        labels[:, 0] = -100  # one token per sequence: summed statistics stay in the ranges of means
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # unused-input warnings of the synthetic reference head
+                preference_loss(hidden, weight, labels, loss=loss, ref_hidden=hidden + 0.1, backend="torch",
+                                **inputs, **given)
+            return
+        except (ValueError, TypeError) as err:
+            # about given values only: a message that also names another input (say MMPO's `bt_beta` without
+            # the per-batch `chosen_scores`) may be about what the synthetic batch lacks
+            named = re.findall(r"`([^`]+)`", str(err))
+            if isinstance(err, ValueError) and named and all(name in given for name in named):
+                raise
+
+
 # preference_loss's own keyword arguments; every other keyword is a hyperparameter of the loss.
 FRONT_DOOR_ARGUMENTS = frozenset(
     name for name, p in inspect.signature(preference_loss).parameters.items() if p.kind is p.KEYWORD_ONLY
@@ -308,8 +342,10 @@ class PreferenceLoss(torch.nn.Module):
     def __init__(self, loss: str = "dpo", **options):
         super().__init__()
         spec = get_loss(loss)
-        spec.check_hparams({k: v for k, v in options.items() if k not in FRONT_DOOR_ARGUMENTS})
+        hparams = {k: v for k, v in options.items() if k not in FRONT_DOOR_ARGUMENTS}
+        spec.check_hparams(hparams)
         spec.check_reduction(options, options.get("reduction", "mean"))
+        check_values(loss, hparams)
         self.loss = loss
         self.options = options
 

@@ -182,6 +182,7 @@ CHECKS = {
     "parity_default": lambda: parity(),
     "parity_beta_label_smoothing": lambda: parity(beta=0.3, label_smoothing=0.1),
     "parity_ipo_hinge_weighted": lambda: parity(loss_type=["ipo", "hinge"], loss_weights=[1.0, 0.5]),
+    "parity_sigmoid_sft": lambda: parity(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
     "mallows": mallows,
     "refused_settings": refused_settings,
     "missing_inputs_refused": missing_inputs_refused,

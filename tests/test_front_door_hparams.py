@@ -34,6 +34,12 @@ def test_module_checks_at_construction():
         fastpref.PreferenceLoss("tdpo1", alpha=0.5)
     with pytest.raises(ValueError, match="`use_weighting`"):
         fastpref.PreferenceLoss("kto", use_weighting=True)
+    # values too: the loss runs once on a synthetic batch of its layout
+    for loss, bad in (("dpo", {"beta": -5.0}), ("kto", {"loss_type": "bco"}), ("lipo_lambda", {"beta": 0.0}),
+                      ("mppo_pair_single", {"negative": "best"}), ("dpo", {"loss_weights": [0.0]})):
+        with pytest.raises(ValueError, match=f"`{next(iter(bad))}`"):
+            fastpref.PreferenceLoss(loss, **bad)
+    fastpref.PreferenceLoss("todo", tie_alpha=0.3)  # its per-batch `ties` are not there yet: left to the batch
     criterion = fastpref.PreferenceLoss("simpo", beta=2.0, backend="torch", trl_metrics=True)  # front-door options pass
     hidden, weight, labels, _ = make_batch(4)
     assert torch.isfinite(criterion(hidden, weight, labels).loss)

@@ -201,3 +201,17 @@ def test_reference_with_another_logit_transform_is_refused():
         PrefTrainer(model=model, args=_args(), train_dataset=_dataset(), data_collator=collate, ref_model=ref)
     with pytest.raises(ValueError, match="`ref_model` scales / soft-caps its logits"):
         fastpref_compute_loss(model, collate([_dataset()[i] for i in range(2)]), "dpo", ref_model=ref)
+
+
+def test_evaluation_under_another_prefix_does_not_leak_into_the_next():
+    """evaluate(metric_key_prefix="test") left its metrics stored; the next evaluate() averaged them in."""
+    model = make_model(VOCAB, seed=1)
+    ref = frozen_copy(model)
+    trainer = PrefTrainer(model=model, args=_args(per_device_eval_batch_size=4), train_dataset=_dataset(),
+                          eval_dataset=_dataset(4, seed=5), data_collator=_mask_collate, ref_model=ref,
+                          fastpref_loss="dpo")
+    fresh = trainer.evaluate()
+    test = trainer.evaluate(eval_dataset=_dataset(4, seed=9), metric_key_prefix="test")
+    assert "eval_rewards/margins" in test and test["eval_logps/chosen"] != fresh["eval_logps/chosen"]
+    again = trainer.evaluate()
+    assert again["eval_logps/chosen"] == pytest.approx(fresh["eval_logps/chosen"], abs=1e-6)

@@ -142,6 +142,13 @@ def test_train_demo_refuses_calibration_it_cannot_do():
     with pytest.raises(ValueError, match="calibrate_dispersion"):
         fp_trl.train_demo(make_model(VOCAB), make_tokenizer(VOCAB), make_pairs(8, VOCAB), loss="simpo",
                           calibrate_dispersion=True)
+    # a dispersion_c of the user's would have been replaced; a config field would have overridden an argument
+    with pytest.raises(ValueError, match="calibrate_dispersion"):
+        fp_trl.train_demo(make_model(VOCAB), make_tokenizer(VOCAB), make_pairs(8, VOCAB),
+                          loss_kwargs={"dispersion_c": 0.29}, calibrate_dispersion=True)
+    with pytest.raises(ValueError, match="per_device_train_batch_size"):
+        fp_trl.train_demo(make_model(VOCAB), make_tokenizer(VOCAB), make_pairs(8, VOCAB), batch_size=4,
+                          per_device_train_batch_size=2)
 
 
 def test_train_demo_runs_mallows():

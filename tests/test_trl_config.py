@@ -98,6 +98,17 @@ def test_trl_loss_settings_that_would_be_ignored_are_refused(overrides, field):
     ({"fastpref_loss": "tdpo2", "precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
     ({"fastpref_loss": "simpo", "precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
     ({"fastpref_loss": "pro", "truncation_mode": "keep_end"}, "truncation_mode"),
+    # values too, before any reference precompute (the loss runs once on a synthetic batch)
+    ({"fastpref_loss": "mallows_dpo", "fastpref_loss_kwargs": {"beta": -5.0}}, r"`beta` must be finite"),
+    ({"fastpref_loss": "mallows_dpo", "fastpref_loss_kwargs": {"dispersion": "bogus"}}, "`dispersion`"),
+    ({"fastpref_loss": "mallows_dpo", "fastpref_loss_kwargs": {"length_normalization": "yes"}},
+     "`length_normalization`"),
+    ({"fastpref_loss": "simpo", "fastpref_loss_kwargs": {"beta": "10"}}, "`beta` must be a real number"),
+    # reference settings that would not act (TRL ignores them)
+    ({"ref_model_mixup_alpha": 0.9}, "`ref_model_mixup_alpha`.*sync_ref_model"),
+    ({"ref_model_sync_steps": 1}, "`ref_model_sync_steps`"),
+    ({"precompute_ref_batch_size": 64}, "`precompute_ref_batch_size`"),
+    ({"fastpref_loss": "simpo", "sync_ref_model": True}, "`sync_ref_model`.*never reads"),
 ])
 def test_bad_settings_fail_at_construction(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -113,6 +124,10 @@ def test_kto_config_maps_trl_fields_and_checks_options():
                             "undesirable_weight": 0.7}
     with pytest.raises(ValueError, match="fastpref_backend"):
         _kto(fastpref_backend="gpu")
+    with pytest.raises(ValueError, match="`ref_model_mixup_alpha`"):
+        fp_trl.kto_loss_from_config(_kto(ref_model_mixup_alpha=0.9))
+    with pytest.raises(ValueError, match="`loss_type` must be one of"):  # TRL's 'bco' is not KTO's loss here
+        fp_trl.kto_loss_from_config(_kto(loss_type="bco"))
 
 
 # ---- the command line ----

@@ -14,7 +14,7 @@ import torch
 from .. import _checks
 from ..layouts import LAYOUT_CLASSES, TOKEN_METRIC_ROWS, make_layout, token_counts
 from ..losses.registry import get_loss
-from ..modules import PreferenceOutput, preference_loss
+from ..modules import PreferenceOutput, check_values, preference_loss
 from ..needs import Needs, resolve_needs
 from ..ops import backends, shift_labels
 from ..segments import Segments, sequence_logps
@@ -67,7 +67,8 @@ class FusedLoss:
 
     ``hparams`` go to the loss (``beta``, ``loss_type``, ``gamma_beta_ratio``, ``use_weighting``, ...);
     ``chunk_size`` / ``logits_budget`` / ``backend`` to :func:`fastpref.token_stats`. All are checked
-    here, so a typo fails when the trainer is built rather than at its first step.
+    here (names, and values by :func:`fastpref.modules.check_values`), so a typo or a value out of range
+    fails when the trainer is built rather than at its first step.
     """
 
     loss: str = "dpo"
@@ -82,6 +83,7 @@ class FusedLoss:
             _checks.fail("hparams", f"must be a dict of loss hyperparameters, got {type(self.hparams).__name__}")
         self.hparams = dict(self.hparams or {})
         self.spec.check_hparams(self.hparams)
+        check_values(self.loss, self.hparams)
         check_options(self.chunk_size, self.logits_budget, self.backend)
 
     @property

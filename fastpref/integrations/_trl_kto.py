@@ -24,7 +24,7 @@ from trl import KTOConfig, KTOTrainer
 
 from .. import _checks
 from ._core import FusedLoss, completion_labels, gather_metrics, metric_weights
-from ._trl_trainer import FastPrefOptions, FusedTRLMixin
+from ._trl_trainer import FastPrefOptions, FusedTRLMixin, check_reference_settings
 
 # Batch keys of TRL's unpaired collator that are not model inputs.
 _NON_MODEL_KEYS = ("completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask", "label", "ref_logps",
@@ -53,6 +53,7 @@ def kto_loss_from_config(args: KTOConfig) -> FusedLoss:
     hparams = dict(beta=args.beta, loss_type=args.loss_type, desirable_weight=args.desirable_weight,
                    undesirable_weight=args.undesirable_weight)
     options = args.fastpref_options() if isinstance(args, FastPrefOptions) else {}
+    check_reference_settings(args, uses_reference=True, loss="kto")
     return FusedLoss("kto", hparams, **options)
 
 

@@ -162,6 +162,11 @@ class FastPrefLegacyDPOMixin:
                                                   "DPOConfig's at 'reverse_kl' and pass fastpref_loss_kwargs="
                                                   "{'f_divergence_type': 'alpha_divergence', "
                                                   f"'f_alpha_divergence_coef': {1 - coef!r}}} (the same loss)")
+            divergence = settings.get("f_divergence_type", "reverse_kl")
+            if divergence != "reverse_kl" and "f_divergence_type" not in hparams:
+                warnings.warn(f"fastpref: f_divergence_type={divergence!r} is applied; TRL 0.28's own DPO loss ignores "
+                              "it (it compares the config's string with an enum), so a plain DPOTrainer there "
+                              "trains reverse-KL DPO", UserWarning, stacklevel=4)
             alpha = "f_alpha_divergence_coef"
             if settings.get("f_divergence_type") != "alpha_divergence" and settings.get(alpha) == _TRL_LOSS_FIELDS[alpha]:
                 del settings[alpha]  # legacy TRL's default (1.0), unread here; dpo_loss refuses any unread non-default
@@ -192,11 +197,26 @@ class FastPrefLegacyDPOMixin:
             _checks.fail("fastpref_loss", f"must be a pairwise loss for the legacy DPOTrainer, got {plan.loss!r}")
         return plan
 
+    def _fastpref_legacy_sft(self, beta, policy, ref, args, kwargs):
+        """Legacy TRL's loss type 'sft', as TRL computes it: the model output's token-mean NLL of the chosen
+        responses for every pair (the log-probs given to ``dpo_loss`` cannot give a token mean), and TRL's
+        rewards ``beta * (logp - ref)``, which TRL's loop over loss types weighs like any other type's."""
+        output = kwargs.get("model_output", args[0] if args else None)
+        if not isinstance(output, dict) or output.get("nll_loss") is None:
+            _checks.fail("loss_type", "'sft' of legacy TRL reads the model output's nll_loss, which this TRL does "
+                                      "not pass to dpo_loss: use DPOConfig.rpo_alpha (the same NLL, added by TRL)")
+        rewards = [beta * (p - (0 if r is None else r)).detach() for p, r in zip(policy, ref)]
+        return (output["nll_loss"].expand(policy[0].shape[0]), *rewards)
+
     def dpo_loss(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
                  loss_type=None, *args, **kwargs):
-        """The legacy signature; ``loss_type`` (TRL >= 0.20 passes it) matters for ``fastpref_loss="dpo"``,
-        further arguments (``model_output``) are not used."""
+        """The legacy signature; ``loss_type`` (TRL >= 0.20 passes it) matters for ``fastpref_loss="dpo"``;
+        ``model_output`` is read only by loss type 'sft' (TRL's own NLL)."""
         plan = self._fastpref_plan(loss_type)
+        if loss_type == "sft" and self._fastpref_as_trl():
+            beta = plan.hparams.get("beta", _TRL_LOSS_FIELDS["beta"])
+            return self._fastpref_legacy_sft(beta, (policy_chosen_logps, policy_rejected_logps),
+                                             (ref_chosen_logps, ref_rejected_logps), args, kwargs)
         batch = getattr(self, "_fastpref_batch", None) or {}
         lengths = completion_lengths(batch)
         pc, pr = policy_chosen_logps.float(), policy_rejected_logps.float()

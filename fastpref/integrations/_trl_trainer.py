@@ -20,6 +20,7 @@ import math
 import os
 import warnings
 from collections import defaultdict
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,6 +218,22 @@ def _loss_kwargs(args) -> dict:
     return dict(kwargs)
 
 
+def check_reference_settings(args, *, uses_reference: bool, loss: str) -> None:
+    """TRL's reference-model settings (DPO and KTO configs) refused where they would not act (TRL ignores them):
+    TR-DPO's mixing without ``sync_ref_model``, a precompute batch size without the precompute, and syncing a
+    reference the loss never reads."""
+    defaults = {f.name: f.default for f in dataclasses.fields(type(args))}
+    if not args.sync_ref_model:
+        for key in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
+            if getattr(args, key) != defaults[key]:
+                _checks.fail(key, f"={getattr(args, key)!r} acts only with sync_ref_model=True (TR-DPO), which is off")
+    if args.precompute_ref_batch_size is not None and not args.precompute_ref_log_probs:
+        _checks.fail("precompute_ref_batch_size", "acts only with precompute_ref_log_probs=True, which is off")
+    if args.sync_ref_model and not uses_reference:
+        _checks.fail("sync_ref_model", f"updates a reference model that loss {loss!r} never reads (it runs "
+                                       "reference-free with these hyperparameters); set it to False")
+
+
 def loss_from_config(args: DPOConfig) -> FusedLoss:
     """The :class:`FusedLoss` a (FastPref)DPOConfig asks for; settings it would not honour raise ``ValueError``."""
     name = getattr(args, "fastpref_loss", None)
@@ -252,8 +269,9 @@ def loss_from_config(args: DPOConfig) -> FusedLoss:
         if not _accepts(name, column):
             _checks.fail("fastpref_batch_columns", f"entry {column!r} is not an input of loss {name!r} (it takes: "
                                                    f"{', '.join(plan.spec.hyperparameters)}); it would be dropped")
+    needs = plan.needs(dict.fromkeys(batch_columns(args), "per batch"))
+    check_reference_settings(args, uses_reference=needs.run_ref_head, loss=name)
     if args.precompute_ref_log_probs:
-        needs = plan.needs(dict.fromkeys(batch_columns(args), "per batch"))
         if needs.kl:
             _checks.fail("precompute_ref_log_probs", f"cannot serve loss {name!r}: it needs the reference "
                                                      "distribution per token (KL); set precompute_ref_log_probs=False")

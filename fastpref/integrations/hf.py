@@ -208,7 +208,8 @@ class FastPrefTrainerMixin:
         return loss.detach(), outputs.logits, inputs["input_ids"]
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        # as TRL's trainers: the mode is the model's (what compute_loss stored under), whatever the key prefix
+        mode = "train" if self.model.training else "eval"
         stored = self._fastpref_metrics[mode]
         prefix = "eval_" if mode == "eval" else ""
         logs.update({f"{prefix}{k}": sum(v) / len(v) for k, v in stored.items() if v})

@@ -175,6 +175,15 @@ def train_demo(model, tokenizer, train_dataset, *, loss: str = "mallows_dpo", lo
         fail("calibrate_dispersion", f"sets MallowsPO's `dispersion_c` from precomputed reference entropies: it needs "
                                      f"a MallowsPO loss and precompute_ref_log_probs=True (got loss={loss!r}, "
                                      f"precompute_ref_log_probs={precompute_ref_log_probs})")
+    if calibrate_dispersion and "dispersion_c" in (loss_kwargs or {}):
+        fail("calibrate_dispersion", "would replace the `dispersion_c` given in loss_kwargs: pass one of them")
+    # the arguments above set these config fields: the same field in **config would silently win
+    named = {"max_steps": "max_steps", "learning_rate": "learning_rate", "per_device_train_batch_size": "batch_size",
+             "seed": "seed", "output_dir": "output_dir", "fastpref_loss": "loss", "fastpref_loss_kwargs": "loss_kwargs",
+             "precompute_ref_log_probs": "precompute_ref_log_probs"}
+    for field, argument in named.items():
+        if field in config:
+            fail(field, f"is set by train_demo's `{argument}` argument: pass that instead")
 
     cuda = torch.cuda.is_available()
     settings = dict(
