@@ -59,8 +59,9 @@ def preference_pairs(tokenizer, n: int, seed: int = 0, words: int = 6, lexicon: 
             rejected[i], rejected[j] = rejected[j], rejected[i]
         else:
             rejected[rng.randrange(words)] = rng.choice(lex)
-        out.append({"prompt": "reverse : " + " ".join(ws) + " =", "chosen": " ".join(chosen) + " <eos>",
-                    "rejected": " ".join(rejected) + " <eos>"})
+        # responses start with a space: TRL tokenises prompt + response as one text, and "=w" would be one word
+        out.append({"prompt": "reverse : " + " ".join(ws) + " =", "chosen": " " + " ".join(chosen) + " <eos>",
+                    "rejected": " " + " ".join(rejected) + " <eos>"})
     return out
 
 
