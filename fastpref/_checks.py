@@ -67,7 +67,8 @@ def positive(arg: str, value, *, optional: bool = False) -> None:
     """A finite real number > 0 (not a bool or a string); None allowed when ``optional``."""
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) a float may be symbolic (NaN fails both)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         fail(arg, f"must be a finite number > 0{' or None' if optional else ''}, got {value!r}")
 
 

@@ -284,17 +284,25 @@ def preference_loss(
     )
 
 
+_CHECKED: set = set()  # (loss, hyperparameters) that check_values has run
+
+
 def check_values(loss: str, hparams: Mapping) -> None:
     """Runs ``loss`` once on its layout's smallest synthetic batches (no gradient, the PyTorch rows), so that a
     bad VALUE of a hyperparameter in ``hparams`` (``beta=-5``, ``loss_type="bco"``) is a ``ValueError`` when a
     loss or trainer is built rather than at its first step, after a reference precompute.
 
     Only errors naming given hyperparameters alone are raised here; one that names anything else (a per-batch
-    input such as TODO's ``ties`` that the synthetic batch lacks) is left to the real batch. Tensor values (per-example
-    hyperparameters) are checked per batch.
+    input such as TODO's ``ties`` that the synthetic batch lacks) is left to the real batch. A tensor setting
+    is tried with one of its values (its shape is checked per batch); the global RNG is left as it was.
     """
     spec = get_loss(loss)
-    given = {k: v for k, v in hparams.items() if not isinstance(v, torch.Tensor)}
+    # a tensor setting by one of its values (a [B] one fits no synthetic batch); a user's generator is not drawn from
+    given = {k: v.detach().reshape(-1)[0].cpu() if isinstance(v, torch.Tensor) else v for k, v in hparams.items()
+             if not isinstance(v, torch.Generator) and not (isinstance(v, torch.Tensor) and v.numel() == 0)}
+    key = (loss, repr(sorted(given.items(), key=lambda kv: kv[0])))
+    if key in _CHECKED:  # the integrations build the same loss at every step
+        return
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(8, 4, generator=g)
     for num, inputs in LAYOUT_CLASSES[spec.layout].examples():
@@ -302,17 +310,18 @@ def check_values(loss: str, hparams: Mapping) -> None:
         labels = torch.randint(0, 8, (num, 2), generator=g)
         labels[:, 0] = -100  # one token per sequence: summed statistics stay in the ranges of means
         try:
-            with torch.no_grad(), warnings.catch_warnings():
+            with torch.no_grad(), warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
                 warnings.simplefilter("ignore")  # unused-input warnings of the synthetic reference head
                 preference_loss(hidden, weight, labels, loss=loss, ref_hidden=hidden + 0.1, backend="torch",
                                 **inputs, **given)
-            return
+            break
         except (ValueError, TypeError) as err:
             # about given values only: a message that also names another input (say MMPO's `bt_beta` without
             # the per-batch `chosen_scores`) may be about what the synthetic batch lacks
             named = re.findall(r"`([^`]+)`", str(err))
             if isinstance(err, ValueError) and named and all(name in given for name in named):
                 raise
+    _CHECKED.add(key)
 
 
 # preference_loss's own keyword arguments; every other keyword is a hyperparameter of the loss.

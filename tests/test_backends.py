@@ -345,3 +345,41 @@ def test_token_stats_low_precision(backend, case, dtype):
     # the same stored logits as the PyTorch backend: statistics agree to fp32 rounding, gradients to the
     # rounding of dz to the storage dtype (twice: the interpreter truncates)
     _compare(case, dtype, backend, torch_backend, 1e-5, 2 * STEP[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", ["recompute", "kept", "frozen"])
+def test_vocabulary_rows_masked_by_a_minus_inf_bias_are_dropped_exactly(backend, path):
+    """A -inf bias row has p = 0: every statistic and gradient equals the head without that row. The C++
+    backward gave NaN gradients and every backend NaN entropies / KL (0 * inf) before."""
+    g = torch.Generator().manual_seed(3)
+    n, d, vocab = 12, 16, 37
+    masked = torch.tensor([0, 5, 36])
+    keep = torch.tensor([v for v in range(vocab) if v not in masked.tolist()])
+    hidden, ref_hidden = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    weight, bias = torch.randn(vocab, d, generator=g) * 0.4, torch.randn(vocab, generator=g) * 0.5
+    labels = keep[torch.randint(0, keep.numel(), (n,), generator=g)]
+    labels[:2] = -100
+    bias_inf = bias.clone().index_fill_(0, masked, float("-inf"))
+    remap = torch.full((vocab,), -100).index_copy_(0, keep, torch.arange(keep.numel()))
+    frozen = path == "frozen"
+    options = dict(entropy=True, kl=True, ref_entropy=True, ref_hidden=ref_hidden.to(DEVICE), backend=backend,
+                   logits_budget=1 << 30 if path == "kept" else 0)
+
+    def run(w, b, y):
+        h = hidden.to(DEVICE).requires_grad_()
+        w = w.to(DEVICE).requires_grad_(not frozen)
+        out = fastpref.token_stats(h, w, y.to(DEVICE), bias=b.to(DEVICE), **options)
+        loss = (out.logp * 0.7 + out.entropy * 0.3 + out.kl * 0.5).sum() if frozen else (
+            out.logp + out.entropy - out.kl).sum()
+        grads = torch.autograd.grad(loss, [h] if frozen else [h, w])
+        return out, grads
+
+    got, got_grads = run(weight, bias_inf, labels)
+    want, want_grads = run(weight[keep], bias[keep], torch.where(labels >= 0, remap[labels.clamp(min=0)], -100))
+    for key in ("logp", "entropy", "ref_logp", "ref_entropy", "kl"):
+        assert torch.allclose(getattr(got, key), getattr(want, key), atol=1e-5), key
+    assert torch.allclose(got_grads[0], want_grads[0], atol=1e-5)
+    if not frozen:
+        assert torch.allclose(got_grads[1][keep], want_grads[1], atol=1e-5)
+        assert torch.all(got_grads[1][masked] == 0)

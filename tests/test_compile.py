@@ -101,3 +101,17 @@ def test_first_call_can_be_compiled(extension):
     assert out.returncode == 0 and "compiled first" in out.stdout, out.stderr[-3000:]
     warned = "the 'cpp' backend is not avail" in out.stdout
     assert warned == (extension == "unbuilt"), out.stdout
+
+
+def test_dynamic_shapes_compile_without_a_break():
+    """dynamic=True made the option checks' floats symbolic: math.isfinite broke the graph (fullgraph failed)."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(30, 6, generator=g, requires_grad=True)
+
+    def loss(hidden, labels):
+        return fastpref.token_stats(hidden, weight, labels, entropy=True, logit_scale=0.5).logp.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (10, 17):
+        hidden, labels = torch.randn(n, 6, generator=g), torch.randint(0, 30, (n,), generator=g)
+        assert torch.allclose(compiled(hidden, labels), loss(hidden, labels), atol=1e-5)

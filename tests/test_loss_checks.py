@@ -371,3 +371,36 @@ def test_mppo_point_scores_carry_no_gradient():
     for fn in (fastpref.mppo_point_ce_loss, fastpref.mppo_point_mse_loss):
         fn(logps, scores)[0].backward()
     assert scores.grad is None and logps.grad is not None
+
+
+def test_zero_weighted_loss_types_are_not_computed():
+    """A type weighted 0 still ran: exo_pair's log(0) raised, robust's 1/(1 - 2 eps) made the loss NaN."""
+    for types, extra in ((["sigmoid", "exo_pair"], {}), (["sigmoid", "robust"], {"label_smoothing": 0.0}),
+                         (["sigmoid", "sft"], {})):  # sft weighted 0 needs no token counts
+        losses, _, _ = fastpref.dpo_loss(A, B, RA, RB, loss_type=types, loss_weights=[1.0, 0.0], **extra)
+        assert torch.allclose(losses, fastpref.dpo_loss(A, B, RA, RB)[0])
+
+
+def test_one_element_tensor_settings_broadcast_and_scalar_ones_are_refused_per_example():
+    """A [1] beta (say nn.Parameter(torch.ones(1))) is unambiguous; a [B] tie_alpha or cpo_alpha had obscure errors."""
+    one, _, _ = fastpref.dpo_loss(A, B, RA, RB, beta=torch.nn.Parameter(torch.tensor([0.1])))
+    assert torch.allclose(one, fastpref.dpo_loss(A, B, RA, RB, beta=0.1)[0])
+    assert torch.isfinite(_front("dpo", beta=torch.tensor([0.1])).loss)
+    raises("tie_alpha", fastpref.todo_loss, A, B, RA, RB, ties=torch.tensor([0, 1]), tie_alpha=torch.tensor([0.5, 0.4]))
+    raises("cpo_alpha", fastpref.cpo_loss, A, B, cpo_alpha=torch.tensor([1.0, 0.5]), policy_nll_loss=torch.tensor(2.0))
+
+
+def test_alphapo_with_positive_alpha_is_finite_where_fp32_exp_overflows():
+    losses, _, _ = fastpref.cpo_loss(torch.tensor([-400.0, -50.0]), torch.tensor([-420.0, -60.0]), alpha=0.25,
+                                     cpo_alpha=0.0, reduction="none")
+    assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
+
+
+def test_construction_checks_accept_tensor_and_per_batch_settings_and_keep_the_rng():
+    """check_values tried a tensor home_advantage as absent (a false refusal) and drew from the global RNG."""
+    fastpref.PreferenceLoss("mallows_dpo", mixing_alpha=0.5, home_advantage=torch.tensor([0.1, 0.2]))
+    fastpref.PreferenceLoss("mallows_dpo", mixing_alpha=0.5)  # home_advantage may come with each batch
+    state = torch.random.get_rng_state()
+    fastpref.PreferenceLoss("mppo_pair_single", negative="random")
+    fastpref.PreferenceLoss("mppo_pair_single", negative="worst")
+    assert torch.equal(state, torch.random.get_rng_state())

@@ -207,3 +207,18 @@ def test_autocast_leaves_fp64_as_f_linear_does():
         with pytest.raises(ValueError, match="dtype"):
             fastpref.token_stats(h64, head["weight"], labels)
     assert stats.logp.dtype == torch.float64 and torch.equal(stats.logp, plain.logp)
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
+def test_double_backward_is_refused(frozen):
+    """With a frozen head, create_graph=True gave a constant gradient: a gradient penalty silently trained on the
+    first-order part only (a trainable head failed with an obscure out= error)."""
+    head = make_head(2, 6, 16, 97)
+    labels = make_labels(2, 6, 97, prompt=1)
+    h = head["hidden"].clone().requires_grad_()
+    w = head["weight"].clone().requires_grad_(not frozen)
+    stats = fastpref.token_stats(h, w, labels)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(stats.logp.sum(), h, create_graph=True)
+    (g,) = torch.autograd.grad(fastpref.token_stats(h, w, labels).logp.sum(), h)  # the first derivative is fine
+    assert torch.isfinite(g).all()

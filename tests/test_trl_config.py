@@ -155,3 +155,12 @@ def test_fastpref_fields_parse_on_the_command_line():
         "--output_dir", out, "--use_cpu", "--fastpref_logits_budget", "1024", "--loss_type", "apo_zero_unpaired"])
     assert kto.fastpref_logits_budget == 1024 and fp_trl.kto_loss_from_config(kto).hparams["loss_type"] == (
         "apo_zero_unpaired")
+
+
+def test_construction_checks_leave_per_batch_settings_to_the_batch():
+    """A hyperparameter that comes per batch (a column) is not there at construction: no false refusal."""
+    _dpo(fastpref_loss="mallows_dpo", fastpref_loss_kwargs={"mixing_alpha": 0.5},
+         fastpref_batch_columns=["home_advantage"])
+    _dpo(fastpref_loss="mmpo", fastpref_loss_kwargs={"bt_beta": 2.0},
+         fastpref_batch_columns=["chosen_scores", "rejected_scores"])
+    _dpo(fastpref_loss="todo", fastpref_loss_kwargs={"tie_alpha": 0.3}, fastpref_batch_columns=["ties"])

@@ -66,7 +66,8 @@ def check_label_smoothing(value: float, *, upper: float = 1.0, lower_open: bool 
                           loss_types=None, smoothed: tuple[str, ...] = ()) -> None:
     """``label_smoothing`` in ``[0, upper)`` (``(0, upper)`` with ``lower_open``); a nonzero value with
     ``loss_types`` none of which is in ``smoothed`` would be ignored, so it is refused."""
-    check_number("label_smoothing", value, low=0, low_open=lower_open, high=upper, high_open=True)
+    check_number("label_smoothing", value, low=0, low_open=lower_open, high=upper, high_open=True,
+                 scalar=True)
     if value and loss_types is not None and not set(loss_types) & set(smoothed):
         _checks.fail("label_smoothing", f"={value!r} is not used by loss_type {list(loss_types)} (only by "
                                         f"{', '.join(smoothed)}); set it to 0")

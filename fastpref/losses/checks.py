@@ -23,13 +23,15 @@ def _describe(value) -> str:
 
 
 def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False, like: torch.Tensor | None = None) -> None:
+                 low_open: bool = False, high_open: bool = False, like: torch.Tensor | None = None,
+                 scalar: bool = False) -> None:
     """A finite real number (or floating tensor, every entry) in the given range; ends closed unless ``*_open``.
 
     A tensor is a 0-d value or a per-example ``[B]`` one: ``[B, 1]`` would broadcast the ``[B]`` losses to
     ``[B, B]``, and with ``like`` (the per-example values, first dimension ``B``) a 1-D tensor must have
-    ``B`` entries (``[3]`` against one pair would broadcast the loss to three). A tensor costs one host
-    synchronisation.
+    ``B`` entries (``[3]`` against one pair would broadcast the loss to three; one entry broadcasts
+    unambiguously). ``scalar``: one value only (a setting the loss cannot take per example). A tensor costs
+    one host synchronisation.
     """
     lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
     hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
@@ -40,7 +42,9 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
         if value.dim() > 1:
             _checks.fail(name, f"must be a number, a 0-d tensor or a per-example [B] tensor, got {_describe(value)} "
                                "(it would broadcast against the per-example values)")
-        if like is not None and value.dim() == 1:
+        if scalar and value.numel() != 1:
+            _checks.fail(name, f"must be a number or a one-element tensor, got {_describe(value)}")
+        if like is not None and value.dim() == 1 and value.numel() != 1:
             if value.shape[0] != like.shape[0]:
                 _checks.fail(name, f"has {value.shape[0]} entries for {like.shape[0]} examples (one per example, "
                                    "or a number)")
@@ -66,14 +70,14 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
         _checks.fail(name, f"must be finite{where}, got {value!r}")
 
 
-def check_positive(name: str, value, *, like: torch.Tensor | None = None) -> None:
+def check_positive(name: str, value, *, like: torch.Tensor | None = None, scalar: bool = False) -> None:
     """A finite number (or floating tensor) > 0."""
-    check_number(name, value, low=0, low_open=True, like=like)
+    check_number(name, value, low=0, low_open=True, like=like, scalar=scalar)
 
 
-def check_non_negative(name: str, value, *, like: torch.Tensor | None = None) -> None:
+def check_non_negative(name: str, value, *, like: torch.Tensor | None = None, scalar: bool = False) -> None:
     """A finite number (or floating tensor) >= 0."""
-    check_number(name, value, low=0, like=like)
+    check_number(name, value, low=0, like=like, scalar=scalar)
 
 
 def check_choice(name: str, value, choices: tuple[str, ...]) -> str:

@@ -94,8 +94,8 @@ def _pro_terms(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """PRO's per-stage losses ``[B, K-1]``, stage mask, SFT term ``[B]`` and the validated mask."""
     mask = list_mask(policy_logps, mask, scores, scores_required="PRO (its temperatures are reward differences)")
-    check_positive("eps", eps)
-    check_non_negative("sft_weight", sft_weight)
+    check_positive("eps", eps, scalar=True)
+    check_non_negative("sft_weight", sft_weight, scalar=True)
     if sft_weight:
         if policy_sum_logps is None:
             _checks.fail("policy_sum_logps", "is required by PRO's SFT term (sft_weight != 0): summed log-probs")

@@ -156,7 +156,7 @@ def _check_mallows(pc, pr, rc, rr, psi, beta, mixing_alpha, home_advantage):
     # h = (r_w - a r_ref,w) - (r_l - a r_ref,l) - (1 - a) gamma': a weighs the reference and the home advantage.
     check_used("mixing_alpha", mixing_alpha, None, used=rc is not None or _any_nonzero(home_advantage),
                only="to weigh the reference log-probs (reference_free=False with a reference) or a nonzero "
-                    "home_advantage")
+                    "`home_advantage`")
     check_used("home_advantage", home_advantage, 0.0,
                used=mixing_alpha is None or not bool(torch.all(torch.as_tensor(mixing_alpha) == 1)),
                only="with mixing_alpha < 1 (its weight is 1 - mixing_alpha)")

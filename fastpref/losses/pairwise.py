@@ -200,11 +200,11 @@ def dpo_loss(
         check_num_tokens("chosen_num_tokens", chosen_num_tokens, policy_chosen_logps)
         check_num_tokens("rejected_num_tokens", rejected_num_tokens, policy_chosen_logps)
     _checks.check_reduction(reduction)
-    if reduction == "none" and batch_sorted(names):  # TRL's convention; the front door refuses it
+    if reduction == "none" and batch_sorted(active):  # TRL's convention; the front door refuses it
         warnings.warn("fastpref: with loss_type 'aot'/'aot_unpaired', reduction='none' gives the losses of the batch's "
                       "SORTED log-ratios, not of the input pairs: do not weight or select them per pair",
                       UserWarning, stacklevel=2)
-    if "sft" in names and chosen_num_tokens is None:
+    if "sft" in active and chosen_num_tokens is None:
         _checks.fail("chosen_num_tokens", "is required by loss_type 'sft' (token-mean NLL of the chosen responses)")
 
     chosen_lr = logratios(policy_chosen_logps, ref_chosen_logps)
@@ -227,7 +227,7 @@ def dpo_loss(
         chosen_lr=chosen_lr, rejected_lr=rejected_lr, delta_norm=delta_norm,
         logps=(policy_chosen_logps, policy_rejected_logps), ref_logps=ref_logps, nll=nll,
     )
-    losses = sum(w * _dpo_terms(name, **terms) for name, w in zip(names, weights))
+    losses = sum(w * _dpo_terms(name, **terms) for name, w in zip(names, weights) if bool(w != 0))  # = active
     return (reduce(losses, reduction), *detached(beta * chosen_lr, beta * rejected_lr))
 
 
@@ -326,7 +326,7 @@ def todo_loss(
     """
     check_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, reference="required")
     check_positive("beta", beta, like=policy_chosen_logps)
-    check_positive("tie_alpha", tie_alpha)
+    check_positive("tie_alpha", tie_alpha, scalar=True)
     check_label_smoothing(label_smoothing)
     _checks.tensor("ties", ties, ndim=1)
     if ties.shape != policy_chosen_logps.shape:

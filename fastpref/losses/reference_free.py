@@ -45,7 +45,7 @@ def simpo_loss(
     check_non_negative("gamma_beta_ratio", gamma_beta_ratio, like=policy_chosen_logps)
     check_choice("loss_type", loss_type, SIMPO_LOSS_TYPES)
     check_label_smoothing(label_smoothing, loss_types=[loss_type], smoothed=("sigmoid",))
-    check_non_negative("sft_weight", sft_weight)
+    check_non_negative("sft_weight", sft_weight, scalar=True)
     logits = policy_chosen_logps - policy_rejected_logps - gamma_beta_ratio
     if loss_type == "sigmoid":
         losses = smoothed_logistic(beta * logits, label_smoothing)
@@ -82,13 +82,15 @@ def cpo_loss(
     check_label_smoothing(label_smoothing, loss_types=[loss_type], smoothed=("sigmoid", "simpo"))
     check_non_negative("simpo_gamma", simpo_gamma, like=policy_chosen_logps)
     check_used("simpo_gamma", simpo_gamma, 0.5, used=loss_type == "simpo", only="by loss_type 'simpo'")
-    check_number("alpha", alpha)
-    check_non_negative("cpo_alpha", cpo_alpha)
+    check_number("alpha", alpha, scalar=True)
+    check_non_negative("cpo_alpha", cpo_alpha, scalar=True)
+    dtype = policy_chosen_logps.dtype
     if alpha:
-        # (1 - p^-alpha) / alpha with p^-alpha = exp(-alpha logp): exp(logp) underflows to 0 for summed
-        # log-probs below ~-103 in fp32 (0^-alpha = inf, a NaN loss); expm1 is finite and exact near 0.
-        chosen_r = -torch.expm1(-alpha * policy_chosen_logps) / alpha
-        rejected_r = -torch.expm1(-alpha * policy_rejected_logps) / alpha
+        # (1 - p^-alpha) / alpha with p^-alpha = exp(-alpha logp), in fp64: forming p underflows to 0 below a
+        # log-prob of ~-103 in fp32 (0^-alpha = inf, a NaN loss), and exp(-alpha logp) overflows fp32 once
+        # alpha |logp| > 88 (fp64: 709); expm1 is exact near 0. The loss and rewards return in the input dtype.
+        chosen_r = -torch.expm1(-alpha * policy_chosen_logps.double()) / alpha
+        rejected_r = -torch.expm1(-alpha * policy_rejected_logps.double()) / alpha
     else:
         chosen_r, rejected_r = policy_chosen_logps, policy_rejected_logps
     logits = chosen_r - rejected_r
@@ -100,8 +102,8 @@ def cpo_loss(
         losses = torch.relu(1 - beta * logits)
     else:
         losses = (logits - 1 / (2 * beta)) ** 2
-    losses = with_nll(losses, "cpo_alpha", cpo_alpha, policy_nll_loss)
-    return (reduce(losses, reduction), *detached(beta * chosen_r, beta * rejected_r))
+    losses = with_nll(losses, "cpo_alpha", cpo_alpha, policy_nll_loss).to(dtype)
+    return (reduce(losses, reduction), *detached((beta * chosen_r).to(dtype), (beta * rejected_r).to(dtype)))
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -140,7 +142,7 @@ def orpo_loss(
     """
     check_pair(policy_chosen_logps, policy_rejected_logps, reference="none")
     check_positive("beta", beta, like=policy_chosen_logps)
-    check_non_negative("nll_weight", nll_weight)
+    check_non_negative("nll_weight", nll_weight, scalar=True)
     losses = -beta * F.logsigmoid(orpo_log_odds(policy_chosen_logps, policy_rejected_logps))
     losses = with_nll(losses, "nll_weight", nll_weight, policy_nll_loss)
     return (reduce(losses, reduction), *detached(beta * policy_chosen_logps, beta * policy_rejected_logps))

@@ -14,8 +14,13 @@ from .backend import Want
 
 def transform_logits(raw: torch.Tensor, softcap: float, post_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits ``z`` seen by the softmax (fp32, or fp64 for fp64 input), and ``tanh(raw / softcap)``
-    when soft-capping (for the backward)."""
+    when soft-capping (for the backward).
+
+    A logit of -inf (a vocabulary row masked by a -inf bias) has p = 0: it becomes the dtype's most negative
+    finite value, in place, so that ``p log p`` and ``p_ref (z_ref - z)`` are 0, not ``0 * inf = NaN``
+    (clamping keeps a NaN, and +inf is left for the log-sum-exp check)."""
     z = raw.to(torch.promote_types(raw.dtype, torch.float32))
+    z.clamp_(min=torch.finfo(z.dtype).min)
     if not softcap:
         return z, None
     t = torch.tanh(z / softcap)

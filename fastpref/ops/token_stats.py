@@ -475,7 +475,17 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*constant, *output[len(STATS):])
 
 
+def no_second_derivative() -> None:
+    """The backward is not itself differentiable: with ``create_graph=True`` (grad mode on inside a backward) a
+    gradient penalty would silently get the first-order part only (the frozen head's saved gradient is a
+    constant), so it is refused."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("fastpref.token_stats has no second derivative: backward with create_graph=True "
+                           "(double backward, gradient penalties) is not supported")
+
+
 def _op_autograd(ctx, g_logp, g_entropy, _g_ref_logp, _g_ref_entropy, g_kl, *_rest):
+    no_second_derivative()
     (hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, lse, entropy, ref_lse,
      hidden_grad) = ctx.saved_tensors
     grads = _upstream(ctx, g_logp, g_entropy, g_kl)
@@ -513,6 +523,7 @@ class _ShardedTokenStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy, _g_ref_logp, _g_ref_entropy, g_kl, *_rest):
+        no_second_derivative()
         (hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, lse, entropy, ref_lse,
          hidden_grad) = ctx.saved_tensors
         grads = _upstream(ctx, g_logp, g_entropy, g_kl)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import LOG2E, tanh
+from .common import LOG2E, above_minus_inf, tanh
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def token_stats_backward_kernel(
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < vocab
     ptrs = logits_ptr + row * logits_stride + offs
-    z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    z = above_minus_inf(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32))
     if SOFTCAP:
         t = tanh(z / softcap)
         z = (post_scale * softcap) * t
@@ -54,7 +54,7 @@ def token_stats_backward_kernel(
     if HAS_ENTROPY:
         grad -= tl.load(g_entropy_ptr + row) * p * (log_p + tl.load(entropy_ptr + row))
     if HAS_KL:
-        zr = tl.load(ref_ptr + row * ref_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        zr = above_minus_inf(tl.load(ref_ptr + row * ref_stride + offs, mask=mask, other=0.0).to(tl.float32))
         if SOFTCAP:
             zr = (post_scale * softcap) * tanh(zr / softcap)
         p_ref = tl.exp2((zr - tl.load(ref_lse_ptr + row)) * LOG2E)

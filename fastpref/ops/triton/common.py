@@ -21,3 +21,10 @@ def tanh(x):
     e = tl.exp2(-2.8853900817779268 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def above_minus_inf(x):
+    """-inf (a vocabulary row masked by a -inf bias) becomes -FLT_MAX: p stays 0 while p log p and
+    p_ref (z_ref - z) become 0 * finite = 0, not NaN. A NaN compares false and is kept (for the lse check)."""
+    return tl.where(x < -3.4028234663852886e38, -3.4028234663852886e38, x)

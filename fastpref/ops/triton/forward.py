@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import LOG2E, tanh
+from .common import LOG2E, above_minus_inf, tanh
 
 # Initial running maximum: finite, so that the first rescale factor exp2((m_old - m_new) * LOG2E) is 0
 # and (m_old - m_new) * sum_exp is 0 * finite = 0 rather than -inf * 0 = NaN.
@@ -72,7 +72,7 @@ def token_stats_forward_kernel(
         mask = offs < vocab
         # Masked lanes load 0, which the soft-cap keeps at 0: finite in every product and sum below;
         # only the max and the exponent see them as -inf (so that e = 0 there).
-        z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
+        z = above_minus_inf(tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32))
         if SOFTCAP:
             z = (post_scale * softcap) * tanh(z / softcap)
         z_live = tl.where(mask, z, -float("inf"))
@@ -94,7 +94,7 @@ def token_stats_forward_kernel(
         m = m_new
 
         if HAS_REF:
-            zr = tl.load(zr_row + offs, mask=mask, other=0.0).to(tl.float32)
+            zr = above_minus_inf(tl.load(zr_row + offs, mask=mask, other=0.0).to(tl.float32))
             if SOFTCAP:
                 zr = (post_scale * softcap) * tanh(zr / softcap)
             zr_live = tl.where(mask, zr, -float("inf"))
@@ -110,7 +110,7 @@ def token_stats_forward_kernel(
             m_r = mr_new
 
     target = tl.load(target_ptr + row)
-    z_y = tl.load(z_row + target).to(tl.float32)
+    z_y = above_minus_inf(tl.load(z_row + target).to(tl.float32))
     if SOFTCAP:
         z_y = (post_scale * softcap) * tanh(z_y / softcap)
     log_s = tl.log(s)
@@ -127,7 +127,7 @@ def token_stats_forward_kernel(
         tl.store(top1_ptr + row, arg == target)
 
     if HAS_REF:
-        zr_y = tl.load(zr_row + target).to(tl.float32)
+        zr_y = above_minus_inf(tl.load(zr_row + target).to(tl.float32))
         if SOFTCAP:
             zr_y = (post_scale * softcap) * tanh(zr_y / softcap)
         log_s_r = tl.log(s_r)
