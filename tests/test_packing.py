@@ -337,6 +337,9 @@ def test_rows_respect_the_budget_and_long_units_are_refused():
     assert default["input_ids"].shape[1] == max(lengths)
     with pytest.raises(ValueError, match="packing_max_tokens"):
         packing.pack_pairs(prompts, chosen, rejected, pad_token_id=PAD, share_prompt=False, max_tokens=max(lengths) - 1)
+    with pytest.raises(ValueError, match="`max_tokens`"):  # one unit per row: a budget would be ignored
+        packing.pack_pairs(prompts, chosen, rejected, pad_token_id=PAD, share_prompt=True, padding_free=False,
+                           max_tokens=20)
 
 
 def test_refusals():

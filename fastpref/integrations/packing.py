@@ -133,6 +133,8 @@ def pack(units: Sequence[Unit], *, pad_token_id: int, padding_free: bool = True,
     """
     if not units:
         _checks.fail("units", "is empty: nothing to pack")
+    if max_tokens is not None and not padding_free:
+        _checks.fail("max_tokens", "is the row budget of padding_free=True, which is off (one unit per row)")
     if padding_free:
         rows = assign_rows([len(u) for u in units], max_tokens)
     else:
