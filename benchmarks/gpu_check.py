@@ -27,7 +27,7 @@ fresh worker goes on with the next case. Peers travel as wheels in ``.whl/``
 (``benchmarks/fetch_gpu_wheels.py``); they are installed with ``pip --target`` into a temporary folder
 that the workers get on ``PYTHONPATH``.
 
-Accuracy bounds checked (the README's): fp32 statistics and gradients within 1e-5 norm-wise relative
+Accuracy bounds checked (the README's, with an absolute floor of 2·2⁻⁸ for logits near 0): fp32 statistics and gradients within 1e-5 norm-wise relative
 error of fp64; bf16 / fp16 statistics within ``2·2⁻⁸·(max|z| + 1)`` absolute (z: the logits the softmax
 sees), gradients within 3e-2 norm-wise relative; ``is_top1`` may differ on near-ties (≤ 1 token in
 fp32, ≤ 2% in half precision).

@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable
 
 COMMANDS = {
-    "demo": ("fastpref.demo", "The main job (about 3 minutes on 2 cores): why fastpref exists, measured on this "
+    "demo": ("fastpref.demo", "The main job (about 2½ minutes on 2 cores): why fastpref exists, measured on this "
                               "machine — memory at a Llama-3 head, a whole DPO training step against TRL's, and a "
                               "MallowsPO run whose loss falls."),
     "bench": ("fastpref.report", "The benchmark report of the README: LM-head DPO steps at Llama-3-8B size, peak "

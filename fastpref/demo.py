@@ -1,4 +1,4 @@
-"""The main job: why fastpref exists, measured on this machine in about 3 minutes (2 CPU cores).
+"""The main job: why fastpref exists, measured on this machine in about 2½ minutes (2 CPU cores).
 
 ``python -m fastpref demo`` (``./run.sh demo``), on CPU, offline, with embedded defaults:
 
