@@ -73,3 +73,22 @@ def test_listwise_collator_refuses_per_response_values_that_do_not_line_up(key):
                {"prompt_ids": [5], "completion_ids": [[7], [8]], key: [1.0, 2.0]}]
     with pytest.raises(ValueError, match=rf"`{key}` is given for some examples of the batch but not for examples \[0"):
         ListwiseCollator()(partial)
+
+
+def test_list_tokenisation_keeps_the_tokenizers_special_tokens_as_trl_does():
+    """Lists were tokenised without special tokens: a BOS-adding tokenizer (Llama's) trained list losses on
+    prompts without the BOS that TRL's pair path (and inference) put there."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from fastpref.integrations.collators import tokenize_listwise
+
+    words = ["<pad>", "<unk>", "</s>", "<s>"] + [f"t{i}" for i in range(20)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 3)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                                  bos_token="<s>")
+    out = tokenize_listwise({"prompt": "t1 t2", "completions": [" t5", " t6 t7"]}, tok, eos_token="</s>")
+    assert out["prompt_ids"] == tok("t1 t2")["input_ids"] == [3, 5, 6]
+    assert out["completion_ids"] == [[9, 2], [10, 11, 2]]

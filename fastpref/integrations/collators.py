@@ -133,15 +133,16 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def tokenize_listwise(example: dict, tokenizer, eos_token: str | None = None) -> dict:
     """``prompt`` + ``completions`` (K strings) -> ``prompt_ids`` + ``completion_ids`` (K id lists).
 
-    Like TRL's pair tokenisation: each response is tokenised together with the prompt and starts where
-    the two tokenisations diverge; ``eos_token`` is appended to responses that lack it.
+    Like TRL's pair tokenisation: each text with the tokenizer's own special tokens (a BOS where it adds
+    one), each response tokenised together with the prompt and starting where the two tokenisations
+    diverge; ``eos_token`` is appended to responses that lack it.
     """
-    prompt = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(text=example["prompt"])["input_ids"]
     full = []
     for text in example["completions"]:
         if eos_token and not text.endswith(eos_token):
             text = text + eos_token
-        full.append(tokenizer(example["prompt"] + text, add_special_tokens=False)["input_ids"])
+        full.append(tokenizer(text=example["prompt"] + text)["input_ids"])
     start = min([len(prompt)] + [_common_prefix(prompt, ids) for ids in full])
     return {"prompt_ids": prompt[:start], "completion_ids": [ids[start:] for ids in full]}
 
