@@ -193,12 +193,29 @@ def _ddp(rank):
         assert_max_diff(param.grad, want[name], 1e-6, f"grad {name}")
 
 
+def _metrics_that_differ_across_ranks(rank):
+    """PRO logs rank_k_loss per stage its lists have: ranks with other list sizes had other names, and the
+    metric gather (one fixed-size collective) aborted the run."""
+    from fastpref.integrations._core import gather_metrics
+
+    def gather(t):
+        out = [torch.empty_like(t) for _ in range(WORLD)]
+        dist.all_gather(out, t)
+        return torch.cat(out)
+
+    mine = {"loss": 1.0, "rank_1_loss": 2.0} if rank == 0 else {"loss": 3.0, "rank_1_loss": 4.0, "rank_2_loss": 6.0}
+    got = gather_metrics({k: torch.tensor(v) for k, v in mine.items()}, {}, gather)
+    assert got == {"loss": 2.0, "rank_1_loss": 3.0, "rank_2_loss": 6.0}, got
+
+
 def _sharded(rank):
     _fsdp2(rank, separate_head=False)
     _fsdp2(rank, separate_head=True)
     _ddp(rank)
+    _metrics_that_differ_across_ranks(rank)
 
 
 def test_fsdp2_and_ddp_match_single_process():
-    """FSDP2 with the head in the root unit and as its own DTensor unit, and DDP: loss and every gradient."""
+    """FSDP2 with the head in the root unit and as its own DTensor unit, and DDP: loss and every gradient;
+    the trainers' metric gather when ranks log different names."""
     spawn(_sharded, world=WORLD)

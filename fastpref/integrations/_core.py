@@ -222,17 +222,25 @@ def gather_metrics(metrics: dict, weights: dict, gather, *, empty: float | None 
     A metric with an entry in ``weights`` is averaged with those weights (token counts: sum of
     value x tokens over ranks / sum of tokens), the others are the mean over ranks. A weighted metric
     no rank has weight for is ``empty`` (TRL's DPOTrainer logs 0.0), or left out when ``empty`` is None
-    (its KTOTrainer). Every rank must know the same names: a metric a rank lacks (KTO's chosen means on
-    a rank without desirable examples) needs an entry in ``weights``, and counts there as 0 with weight 0.
+    (its KTOTrainer). A metric a rank lacks (KTO's chosen means on a rank without desirable examples, PRO's
+    ``rank_k_loss`` of a stage only another rank's lists have) counts there as 0 with weight 0; with
+    several processes the ranks first agree on the names (one small object gather).
     ``gather`` is ``accelerator.gather`` (identity on one process).
     """
     names = sorted({*metrics, *weights})  # one order on every rank, whichever metrics each one has
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, names)
+        names = sorted(set().union(*every))
     if not names:
         return {}
-    device = next(iter([*metrics.values(), *weights.values()])).device
+    tensors = [*metrics.values(), *weights.values()]
+    device = tensors[0].device if tensors else torch.device("cpu")  # a rank that logged nothing this step
     one = torch.ones((), device=device)
     values = torch.stack([metrics[n].detach().float().reshape(()) if n in metrics else 0 * one for n in names])
-    counts = torch.stack([weights[n].detach().float().reshape(()) if n in weights else one for n in names])
+    counts = torch.stack([weights[n].detach().float().reshape(()) if n in weights else one if n in metrics
+                          else 0 * one for n in names])
     weighted = torch.where(counts > 0, values * counts, 0 * one)  # a rank without weight adds nothing, not NaN
     totals = gather(torch.cat([weighted, counts])[None]).sum(0).tolist()
     out = {}
