@@ -293,7 +293,7 @@ def check_values(loss: str, hparams: Mapping) -> None:
     loss or trainer is built rather than at its first step, after a reference precompute.
 
     Only errors naming given hyperparameters alone are raised here; one that names anything else (a per-batch
-    input such as TODO's ``ties`` that the synthetic batch lacks) is left to the real batch. A tensor setting
+    input such as the ``todo`` loss's ``ties`` that the synthetic batch lacks) is left to the real batch. A tensor setting
     is tried with one of its values (its shape is checked per batch); the global RNG is left as it was.
     """
     spec = get_loss(loss)

@@ -16,11 +16,11 @@ With ``padding_free`` / ``share_prompt`` both forwards (and the precompute) run 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
 from collections import defaultdict
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,7 +205,8 @@ def _check_trl_fields(args, name: str | None, types: list[str]) -> None:
         if not set(types) & _SMOOTHED:
             _checks.fail("label_smoothing", f"is used by TRL only for loss_type in {sorted(_SMOOTHED)}; with "
                                             f"loss_type={types} it would be ignored: set label_smoothing=0")
-    check_dpo_settings(weighted_loss_types(types, args.loss_weights), f_divergence_type=args.f_divergence_type,
+    active = [name for name, _ in weighted_loss_types(types, args.loss_weights)]
+    check_dpo_settings(active, f_divergence_type=args.f_divergence_type,
                        f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau)
 
 

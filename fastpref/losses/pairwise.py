@@ -95,18 +95,19 @@ def _dpo_terms(name, *, u, beta, eps, tau, chosen_lr, rejected_lr, delta_norm, l
     raise AssertionError(name)  # dpo_loss checked the names
 
 
-def weighted_loss_types(loss_types: list[str], loss_weights) -> list[str]:
-    """The loss types whose ``loss_weights`` entry (non-negative; default 1 each) is nonzero: the settings are
-    checked against these, since a weight of 0 drops its type. All weights 0 would train nothing: refused."""
+def weighted_loss_types(loss_types: list[str], loss_weights) -> list[tuple[str, float]]:
+    """``(loss type, weight)`` of the types whose ``loss_weights`` entry (non-negative; default 1 each) is
+    nonzero: only these are computed, and the settings are checked against them. All weights 0 would train
+    nothing: refused."""
     if loss_weights is None:
-        return list(loss_types)
+        return [(name, 1.0) for name in loss_types]
     if not isinstance(loss_weights, (list, tuple)):
         _checks.fail("loss_weights", f"must be a list of numbers, got {loss_weights!r}")
     if len(loss_weights) != len(loss_types):
         _checks.fail("loss_weights", f"has {len(loss_weights)} entries for {len(loss_types)} loss types")
     for w in loss_weights:
         check_non_negative("loss_weights", w)
-    active = [name for name, w in zip(loss_types, loss_weights) if bool(w != 0)]
+    active = [(name, w) for name, w in zip(loss_types, loss_weights) if bool(w != 0)]
     if not active:
         _checks.fail("loss_weights", f"are all 0 ({list(loss_weights)}): the loss would be 0 and train nothing")
     return active
@@ -184,8 +185,8 @@ def dpo_loss(
         _checks.fail("loss_type", f"must be a loss type or a non-empty list of them, got {loss_type!r}")
     for name in names:
         check_choice("loss_type", name, DPO_LOSS_TYPES)
-    weights = [1.0] * len(names) if loss_weights is None else loss_weights
-    active = weighted_loss_types(names, loss_weights)
+    weighted = weighted_loss_types(names, loss_weights)
+    active = [name for name, _ in weighted]
     check_dpo_settings(active, f_divergence_type=f_divergence_type,
                        f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau)
     if "exo_pair" in active:
@@ -227,7 +228,7 @@ def dpo_loss(
         chosen_lr=chosen_lr, rejected_lr=rejected_lr, delta_norm=delta_norm,
         logps=(policy_chosen_logps, policy_rejected_logps), ref_logps=ref_logps, nll=nll,
     )
-    losses = sum(w * _dpo_terms(name, **terms) for name, w in zip(names, weights) if bool(w != 0))  # = active
+    losses = sum(w * _dpo_terms(name, **terms) for name, w in weighted)
     return (reduce(losses, reduction), *detached(beta * chosen_lr, beta * rejected_lr))
 
 
